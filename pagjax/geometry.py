@@ -1,0 +1,330 @@
+"""Manifold geometry: tangent spaces by forward-mode JVPs, projections, principal angles.
+
+Conventions (shared by `pagjax.robustness` and every caller):
+
+* Inputs are batch first, ``(n, ...)`` (NHWC images or flat vectors); ``d`` is the number
+  of features of one example, ``prod(shape[1:])``.
+* A *tangent basis* is an array with orthonormal columns, either ``(d, k)`` (one subspace
+  shared by every example, e.g. a linear manifold) or ``(n, d, k)`` (one per example).
+  Columns beyond a generator's numerical rank are exactly zero, so ``U @ U.T`` is still the
+  orthogonal projector onto the tangent space (PAPER.md section 1: ``P``), and
+  ``trace(P) = ||U||_F^2`` is the rank.
+
+The tangent space of a generated manifold ``x = g(z)`` at ``z`` is the column space of the
+Jacobian ``dg/dz``; it is built here with one forward-mode JVP per *latent* direction
+(``jax.jacfwd``, vmapped over the batch), i.e. ``m`` JVPs for an ``m``-dimensional latent,
+instead of one backward pass per *output pixel*.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pagjax import validation
+
+Array = jax.Array
+
+
+class TangentBasis(NamedTuple):
+    """Orthonormal tangent bases, one per example.
+
+    Attributes:
+      basis: ``(n, d, k)``, orthonormal columns; columns ``rank[i]:`` of example ``i`` are 0.
+      rank: ``(n,)`` int32, numerical rank of each Jacobian (singular values above
+        ``rank_tol * largest``).
+    """
+
+    basis: Array
+    rank: Array
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _basis_array(basis) -> Array:
+    """Accept a `TangentBasis` or a raw array; return the array."""
+    if isinstance(basis, TangentBasis):
+        return basis.basis
+    return basis
+
+
+def check_basis(name: str, basis, *, d: int | None = None, n: int | None = None) -> None:
+    """Raise ValueError unless `basis` is a (d, k) or (n, d, k) floating array with k <= d."""
+    shape = getattr(basis, "shape", None)
+    dtype = getattr(basis, "dtype", None)
+    if shape is None or dtype is None:
+        raise ValueError(f"{name} must be an array of shape (d, k) or (n, d, k), got {type(basis).__name__}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name} must have shape (d, k) or (n, d, k), got shape {tuple(shape)}")
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        raise ValueError(f"{name} must have a floating dtype, got {dtype}")
+    bd, bk = shape[-2], shape[-1]
+    if bk > bd:
+        raise ValueError(f"{name} has more columns than rows: shape {tuple(shape)} (need k <= d)")
+    if d is not None and bd != d:
+        raise ValueError(
+            f"{name} has {bd} rows but the inputs have d = {d} features per example "
+            f"(basis shape {tuple(shape)}); the tangent basis is of the wrong size"
+        )
+    if n is not None and len(shape) == 3 and shape[0] != n:
+        raise ValueError(
+            f"{name} is a per-example basis for {shape[0]} examples but the batch has {n}"
+        )
+
+
+def _check_batch(name: str, v) -> None:
+    shape = getattr(v, "shape", None)
+    if shape is None or getattr(v, "dtype", None) is None:
+        raise ValueError(f"{name} must be an array, got {type(v).__name__}")
+    if len(shape) < 2:
+        raise ValueError(f"{name} must be batch first with rank >= 2, e.g. (n, d) or NHWC, got shape {tuple(shape)}")
+    if not np.issubdtype(np.dtype(v.dtype), np.floating):
+        raise ValueError(f"{name} must have a floating dtype, got {v.dtype}")
+
+
+def num_features(x) -> int:
+    """d = prod(x.shape[1:]), the number of features of one example of a batch."""
+    return int(math.prod(x.shape[1:]))
+
+
+# --------------------------------------------------------------------------- tangent bases
+
+
+def orthonormalize(jac: Array, *, rank_tol: float = 1e-6) -> TangentBasis:
+    """Orthonormal bases of the column spaces of Jacobians ``jac`` (n, d, m), by thin SVD.
+
+    Singular values ``<= rank_tol * max`` count as zero: their left singular vectors are
+    replaced by zero columns and ``rank`` reports how many were kept. The result has
+    ``k = min(d, m)`` columns.
+    """
+    if jac.ndim != 3:
+        raise ValueError(f"jac must have shape (n, d, m), got {tuple(jac.shape)}")
+    validation.check_positive("rank_tol", rank_tol)
+    u, s, _ = jnp.linalg.svd(jac, full_matrices=False)
+    smax = s[:, :1]
+    keep = s > rank_tol * smax
+    keep = keep & (smax > 0)
+    basis = u * keep[:, None, :].astype(u.dtype)
+    return TangentBasis(basis=basis, rank=jnp.sum(keep, axis=-1).astype(jnp.int32))
+
+
+def generator_jacobian(generator: Callable[[Array], Array], z: Array) -> Array:
+    """Jacobians ``dg/dz`` of a batched generator at each row of ``z``: shape (n, d, m).
+
+    ``generator(z)`` maps latents (n, m) to outputs (n, ...) with rows independent (a
+    decoder in inference mode). Each Jacobian is ``m`` forward-mode JVPs (``jax.jacfwd``),
+    vmapped over the batch.
+    """
+    validation.check_images("z", z, ranks=(2,))
+
+    def single(zi):
+        return jnp.reshape(generator(zi[None])[0], (-1,))
+
+    jac = jax.vmap(jax.jacfwd(single))(z)  # (n, d, m)
+    return jac
+
+
+def tangent_basis_from_generator(
+    generator: Callable[[Array], Array], z: Array, *, rank_tol: float = 1e-6
+) -> TangentBasis:
+    """Orthonormal tangent bases of the manifold ``x = generator(z)`` at each latent row.
+
+    Args:
+      generator: batched ``(n, m) -> (n, ...)``, differentiable, rows independent.
+      z: latents ``(n, m)``.
+      rank_tol: relative singular-value threshold for the numerical rank.
+
+    Returns:
+      `TangentBasis` with ``basis`` (n, d, min(d, m)) and ``rank`` (n,).
+    """
+    validation.check_images("z", z, ranks=(2,))
+    validation.check_positive("rank_tol", rank_tol)
+    return _tangent_basis_jit(generator, z, rank_tol)
+
+
+def _tangent_basis_impl(generator, z, rank_tol):
+    return orthonormalize(generator_jacobian(generator, z), rank_tol=rank_tol)
+
+
+_tangent_basis_jit = jax.jit(_tangent_basis_impl, static_argnums=(0, 2))
+
+
+# --------------------------------------------------------------------------- projections
+
+
+def _coefficients(flat: Array, basis: Array) -> Array:
+    if basis.ndim == 2:
+        return flat @ basis  # (n, k)
+    return jnp.einsum("nd,ndk->nk", flat, basis)
+
+
+def _expand(coef: Array, basis: Array) -> Array:
+    if basis.ndim == 2:
+        return coef @ basis.T
+    return jnp.einsum("nk,ndk->nd", coef, basis)
+
+
+def tangent_coordinates(v: Array, basis) -> Array:
+    """Coordinates ``U^T v`` of each example of ``v`` (n, ...) in the basis: shape (n, k)."""
+    basis = _basis_array(basis)
+    _check_batch("v", v)
+    check_basis("basis", basis, d=num_features(v), n=v.shape[0])
+    return _coefficients(jnp.reshape(v, (v.shape[0], -1)), basis)
+
+
+def project_tangent(v: Array, basis) -> Array:
+    """Orthogonal projection ``P v = U U^T v`` of each example of ``v`` (n, ...).
+
+    ``basis`` is (d, k) (shared), (n, d, k) (per example) or a `TangentBasis`; the
+    result has the shape of ``v`` (image shaped or flat).
+    """
+    basis = _basis_array(basis)
+    _check_batch("v", v)
+    check_basis("basis", basis, d=num_features(v), n=v.shape[0])
+    flat = jnp.reshape(v, (v.shape[0], -1))
+    return jnp.reshape(_expand(_coefficients(flat, basis), basis), v.shape)
+
+
+def project_normal(v: Array, basis) -> Array:
+    """Projection ``(I - P) v`` onto the orthogonal complement of the tangent space."""
+    return v - project_tangent(v, basis)
+
+
+def split_tangent_normal(v: Array, basis) -> tuple[Array, Array]:
+    """``(P v, v - P v)`` for a batch ``v`` (n, ...), both shaped like ``v``."""
+    t = project_tangent(v, basis)
+    return t, v - t
+
+
+# --------------------------------------------------------------------------- principal angles
+
+
+def principal_angles(basis_a, basis_b) -> Array:
+    """Principal angles (radians, ascending) between the column spaces of two bases.
+
+    Both bases have orthonormal columns, shape (d, ka) / (d, kb), or (n, d, k) for a batch
+    of pairs (a (d, k) basis is broadcast against an (n, d, k) one). Returns
+    ``min(ka, kb)`` angles (per pair). Small angles are taken from the sines, large ones
+    from the cosines, which keeps both accurate in float32 (Bjorck & Golub, 1973;
+    Knyazev & Argentati, SIAM J. Sci. Comput. 2002).
+    """
+    a = _basis_array(basis_a)
+    b = _basis_array(basis_b)
+    check_basis("basis_a", a)
+    check_basis("basis_b", b, d=a.shape[-2])
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"basis_a and basis_b must hold the same number of bases, got {a.shape[0]} and {b.shape[0]}"
+        )
+    if a.shape[-1] < b.shape[-1]:  # angles are symmetric; keep b the thinner one
+        a, b = b, a
+    return _principal_angles(a, b)
+
+
+@jax.jit
+def _principal_angles(a, b):
+    cross = jnp.swapaxes(a, -1, -2) @ b  # (..., ka, kb)
+    cos = jnp.linalg.svd(cross, compute_uv=False)  # descending, kb values
+    resid = b - a @ cross  # (I - A A^T) B
+    sin = jnp.linalg.svd(resid, compute_uv=False)[..., ::-1]  # ascending
+    cos = jnp.clip(cos, 0.0, 1.0)
+    sin = jnp.clip(sin, 0.0, 1.0)
+    return jnp.where(cos**2 < 0.5, jnp.arccos(cos), jnp.arcsin(sin))
+
+
+# --------------------------------------------------------------------------- disk cache
+
+
+def _canonical_settings(settings: dict) -> str:
+    if not isinstance(settings, dict):
+        raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray) and o.size <= 64:
+            return o.tolist()
+        raise TypeError(type(o).__name__)
+
+    try:
+        return json.dumps(settings, sort_keys=True, default=default)
+    except TypeError as err:
+        raise ValueError(f"settings must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from None
+
+
+def _atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_tangent_basis(path: str, tb: TangentBasis, settings: dict) -> None:
+    """Write ``tb`` and its ``settings`` to ``path`` (.npz) and ``path + '.json'``, atomically."""
+    canon = _canonical_settings(settings)
+    arrays = {
+        "basis": np.asarray(tb.basis),
+        "rank": np.asarray(tb.rank),
+        "settings_json": np.asarray(canon),
+    }
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    meta = {"settings": json.loads(canon), "shape": list(arrays["basis"].shape),
+            "rank_min": int(arrays["rank"].min()) if arrays["rank"].size else 0,
+            "rank_max": int(arrays["rank"].max()) if arrays["rank"].size else 0}
+    _atomic_write(path + ".json", lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True)), mode="w")
+
+
+def load_tangent_basis(path: str, settings: dict | None = None) -> TangentBasis | None:
+    """Load a cached basis; None if missing, unreadable, or stored with other ``settings``."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = str(data["settings_json"])
+            basis, rank = data["basis"], data["rank"]
+    except Exception:  # corrupt / partial file: recompute
+        return None
+    if settings is not None and stored != _canonical_settings(settings):
+        return None
+    return TangentBasis(basis=jnp.asarray(basis), rank=jnp.asarray(rank))
+
+
+def cached_tangent_basis(path: str, settings: dict, compute_fn: Callable[[], TangentBasis]) -> TangentBasis:
+    """Return the tangent basis cached at ``path`` if it was made with ``settings``.
+
+    Otherwise call ``compute_fn()`` (returning a `TangentBasis`, or a basis array (n, d, k)
+    or (d, k); a shared (d, k) array is kept shared, with a scalar ``rank``), store
+    the result with ``settings`` (npz + a json sidecar, each written to a temp file and
+    moved into place with ``os.replace``), and return it. ``settings`` must be a
+    JSON-serialisable dict describing everything that determines the basis (data, model
+    checkpoint, latent points, rank_tol, ...): compute it once, reuse it for every model.
+    """
+    canon = _canonical_settings(settings)
+    hit = load_tangent_basis(path, settings)
+    if hit is not None:
+        return hit
+    tb = compute_fn()
+    if not isinstance(tb, TangentBasis):
+        arr = jnp.asarray(tb)
+        check_basis("compute_fn()", arr)
+        rank = jnp.full(arr.shape[:-2], arr.shape[-1], jnp.int32)
+        tb = TangentBasis(basis=arr, rank=rank)
+    save_tangent_basis(path, tb, json.loads(canon))
+    return tb
