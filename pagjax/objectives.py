@@ -1,0 +1,177 @@
+"""The four robust training objectives, as per-example losses.
+
+An objective is a pure function
+
+    objective(forward, params, x, y, key, strength) -> (per_example_loss (B,), aux)
+
+where ``forward(params, x) -> (logits, model_state)`` is the model in training mode
+(see `pagjax.models.Model.forward`). The caller reduces the per-example losses once
+(usually a mean). ``aux`` holds per-example ``ce`` and ``penalty``, the ``logits`` of the
+trained forward pass (for accuracy) and ``model_state`` (BatchNorm statistics, ``{}``
+for stateless models). ``strength`` may be a traced scalar, so one compiled step serves a
+whole sweep; strength 0 gives plain cross-entropy exactly.
+
+Method names (used everywhere: CLI, results, configs):
+
+==============  ================================================  ==========
+name            per-example objective                              strength
+==============  ================================================  ==========
+``ce``          CE(f(x), y)                                        ignored
+``gradnorm``    CE + lam * ||grad_x CE(f(x), y)||^2                lam
+``smoothness``  CE + lam * ||f(x) - f(x + n)||^2, n ~ N(0, t^2 I)  lam
+``noise``       CE(f(x + n), y), n ~ N(0, s^2 I)                   s
+``pgd``         CE(f(x + delta*), y), delta* = L2-PGD, radius eps  eps
+==============  ================================================  ==========
+
+Official conventions (``official=True``, PAPER.md section 2), and how to convert:
+
+* ``gradnorm``: the official code penalises ``c * 1e5 / B * ||grad_x mean_i CE_i||^2``.
+  Since grad_x mean_i CE_i has rows g_i / B, that equals the batch mean of
+  ``CE_i + (c * 1e5 / B^2) ||g_i||^2``: official constant c <=> textbook
+  ``lam = c * 1e5 / B^2`` (about 6.1 c at B = 128). With ``official=True`` the strength
+  is c.
+* ``pgd``: the official ball bounds the L2 norm of the *whole batch* perturbation, starts
+  from all-positive uniform noise, steps 2 eps / steps and does not clip to [0, 1]. One
+  image then moves by about eps / sqrt(B): official eps <=> textbook eps * sqrt(B).
+* ``smoothness`` and ``noise`` are the same in both conventions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pagjax import attacks, validation
+
+Array = jax.Array
+ForwardFn = Callable[..., tuple[Array, dict]]
+Objective = Callable[..., tuple[Array, dict]]
+
+METHODS = ("ce", "gradnorm", "smoothness", "noise", "pgd")
+OFFICIAL_GRADNORM_SCALE = 1e5  # the official code's constant
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Per-example softmax cross-entropy (B,)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _aux(ce, penalty, logits, state):
+    return {"ce": ce, "penalty": penalty, "logits": logits, "model_state": state}
+
+
+def plain_ce(forward, params, x, y, key, strength=0.0):
+    """CE(f(x), y); `key` and `strength` are ignored."""
+    del key, strength
+    logits, state = forward(params, x)
+    ce = cross_entropy(logits, y)
+    return ce, _aux(ce, jnp.zeros_like(ce), logits, state)
+
+
+def input_gradient_penalty(forward, params, x, y) -> tuple[Array, Array, Array, dict]:
+    """Per-example CE, ||grad_x CE||^2, logits and state, with one extra backward pass.
+
+    ``jax.grad`` of the summed CE w.r.t. the batch gives every example's own gradient
+    (examples are independent unless the model couples them, e.g. BatchNorm in training
+    mode, where the official code has the same cross-example terms).
+    """
+
+    def summed_ce(inputs):
+        logits, state = forward(params, inputs)
+        ce = cross_entropy(logits, y)
+        return jnp.sum(ce), (ce, logits, state)
+
+    grads, (ce, logits, state) = jax.grad(summed_ce, has_aux=True)(x)
+    penalty = jnp.sum(jnp.square(grads.reshape((grads.shape[0], -1))), axis=-1)
+    return ce, penalty, logits, state
+
+
+def gradnorm(forward, params, x, y, key, strength, *, official: bool = False):
+    """CE + lam ||grad_x CE||^2 (double backprop). See the module docstring for `official`."""
+    del key
+    ce, penalty, logits, state = input_gradient_penalty(forward, params, x, y)
+    lam = official_gradnorm_lambda(strength, x.shape[0]) if official else strength
+    return ce + lam * penalty, _aux(ce, penalty, logits, state)
+
+
+def official_gradnorm_lambda(c, batch_size: int):
+    """Textbook per-example lam equivalent to the official constant c: c * 1e5 / B^2."""
+    return c * OFFICIAL_GRADNORM_SCALE / batch_size**2
+
+
+def smoothness(forward, params, x, y, key, strength, *, noise_std: float = 0.1):
+    """CE + lam ||f(x) - f(x + n)||^2 on the logits, n ~ N(0, noise_std^2 I) on the input."""
+    logits, state = forward(params, x)
+    noisy_logits, _ = forward(params, x + noise_std * jax.random.normal(key, x.shape, x.dtype))
+    ce = cross_entropy(logits, y)
+    penalty = jnp.sum(jnp.square(logits - noisy_logits), axis=-1)
+    return ce + strength * penalty, _aux(ce, penalty, logits, state)
+
+
+def noise_augmentation(forward, params, x, y, key, strength):
+    """CE(f(x + n), y), n ~ N(0, s^2 I): randomized-smoothing training at level s."""
+    logits, state = forward(params, x + strength * jax.random.normal(key, x.shape, x.dtype))
+    ce = cross_entropy(logits, y)
+    return ce, _aux(ce, jnp.zeros_like(ce), logits, state)
+
+
+def pgd_training(
+    forward,
+    params,
+    x,
+    y,
+    key,
+    strength,
+    *,
+    num_steps: int = 10,
+    official: bool = False,
+    box: tuple[float, float] | None = None,
+):
+    """CE(f(x + delta*), y) with delta* from L2 PGD of radius eps = strength.
+
+    Textbook: per-example ball, uniform start in the ball, optional box. Official:
+    whole-batch ball, all-positive uniform start, no box.
+    """
+    loss_fn = lambda inputs: cross_entropy(forward(params, inputs)[0], y)  # noqa: E731
+    if official:
+        kw = dict(ball="whole_batch", start="positive_uniform", box=None)
+    else:
+        kw = dict(ball="per_example", start="uniform_ball", box=box)
+    delta = attacks.l2_pgd(loss_fn, x, key, eps=strength, num_steps=num_steps, **kw)
+    logits, state = forward(params, x + delta)
+    ce = cross_entropy(logits, y)
+    return ce, _aux(ce, jnp.zeros_like(ce), logits, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveOptions:
+    """Method-specific settings (each ignored by the methods it does not concern)."""
+
+    official: bool = False
+    pgd_steps: int = 10
+    pgd_box: tuple[float, float] | None = None
+    smoothness_noise_std: float = 0.1
+
+
+def make_objective(name: str, options: ObjectiveOptions | None = None, **kwargs) -> Objective:
+    """Objective by method name: ``ce``, ``gradnorm``, ``smoothness``, ``noise``, ``pgd``."""
+    validation.check_choice("objective", name, METHODS)
+    opts = options or ObjectiveOptions(**kwargs)
+    if options is not None and kwargs:
+        opts = dataclasses.replace(options, **kwargs)
+    if isinstance(opts.pgd_steps, bool) or not isinstance(opts.pgd_steps, int) or opts.pgd_steps < 0:
+        raise ValueError(f"pgd_steps must be an integer >= 0, got {opts.pgd_steps!r}")
+    validation.check_positive("smoothness_noise_std", opts.smoothness_noise_std)
+    if name == "ce":
+        return plain_ce
+    if name == "gradnorm":
+        return functools.partial(gradnorm, official=opts.official)
+    if name == "smoothness":
+        return functools.partial(smoothness, noise_std=opts.smoothness_noise_std)
+    if name == "noise":
+        return noise_augmentation
+    return functools.partial(pgd_training, num_steps=opts.pgd_steps, official=opts.official, box=opts.pgd_box)

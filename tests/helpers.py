@@ -1,0 +1,25 @@
+"""Small shared fixtures for the tests: a linear softmax model with closed forms."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def linear_apply(params, x):
+    """logits = W x + b on flattened inputs; W has shape (K, d)."""
+    return x.reshape((x.shape[0], -1)) @ params["W"].T + params["b"]
+
+
+def linear_forward(params, x):
+    return linear_apply(params, x), {}
+
+
+def linear_params(key, d, k, scale=1.0):
+    kw, kb = jax.random.split(key)
+    return {"W": scale * jax.random.normal(kw, (k, d)), "b": 0.1 * jax.random.normal(kb, (k,))}
+
+
+def random_batch(seed, batch, shape=(4, 4, 1), k=3):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(batch, *shape)).astype(np.float32)
+    y = rng.integers(0, k, size=batch).astype(np.int32)
+    return jnp.asarray(x), jnp.asarray(y)

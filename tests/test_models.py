@@ -1,0 +1,68 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pagjax.gradients import input_gradients
+from pagjax.models import MODEL_NAMES, build_model
+
+SMALL = {"mlp": "mlp:width=16", "cnn": "cnn:width=4", "resnet18": "resnet18:width=4"}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_map_nhwc_images_to_logits(name):
+    model = build_model(SMALL[name], num_classes=5)
+    x = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x)
+    logits = model.apply(variables, x)
+    assert logits.shape == (3, 5)
+    assert np.all(np.isfinite(logits))
+    train_logits, state = model.forward(variables, x)
+    assert train_logits.shape == (3, 5)
+    assert set(state) == ({"batch_stats"} if model.has_state else set())
+
+
+def test_resnet_forward_returns_updated_running_stats_without_mutation():
+    model = build_model("resnet18:width=4", num_classes=2)
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    before = jax.tree.map(np.asarray, variables["batch_stats"])
+    _, state = model.forward(variables, x)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state["batch_stats"], before))
+    assert max(moved) > 0  # the running statistics were updated ...
+    unchanged = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), variables["batch_stats"], before))
+    assert max(unchanged) == 0  # ... in a new pytree, the input untouched
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_inference_mode_treats_examples_independently(name):
+    """Row i of the batched input-gradient equals the gradient of example i alone."""
+    model = build_model(SMALL[name], num_classes=3)
+    x = jax.random.uniform(jax.random.key(2), (4, 8, 8, 1))
+    y = jnp.array([0, 1, 2, 0], jnp.int32)
+    variables = model.init(jax.random.key(3), x)
+    batched = input_gradients(model.apply, variables, x, y, target="logprob")
+    for i in range(4):
+        single = input_gradients(model.apply, variables, x[i : i + 1], y[i : i + 1], target="logprob")
+        np.testing.assert_allclose(batched[i], single[0], rtol=1e-4, atol=1e-6)
+
+
+def test_smooth_activation_option_is_used():
+    x = jax.random.uniform(jax.random.key(0), (2, 4, 4, 1))
+    relu, soft = build_model("mlp:width=8", 2), build_model("mlp:width=8,act=softplus", 2)
+    v = relu.init(jax.random.key(0), x)
+    assert not np.allclose(relu.apply(v, x), soft.apply(v, x))
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [("vgg", "model name"), ("mlp:depth", "key=value"), ("mlp:colour=3", "unknown option"), ("mlp:act=tanh2", "activation")],
+)
+def test_bad_model_names_raise(name, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(name, num_classes=2)
+
+
+def test_bad_sample_input_raises():
+    with pytest.raises(ValueError, match="sample_input"):
+        build_model("mlp", 2).init(jax.random.key(0), jnp.zeros((4, 4)))
