@@ -134,7 +134,7 @@ def make_update_fn(model: models_lib.Model, objective, optimizer) -> Callable:
             "ce": jnp.mean(aux["ce"]),
             "penalty": jnp.mean(aux["penalty"]),
             "accuracy": jnp.mean(jnp.argmax(aux["logits"], -1) == y),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "finite": finite,
         }
         return kept, metrics
