@@ -1,0 +1,282 @@
+"""A Flax autoencoder whose decoder Jacobian gives the tangent space of real images.
+
+The paper (Srinivas, Bordt & Lakkaraju, NeurIPS 2023, section 3) estimates the tangent
+space of CIFAR-10 at an image x from a 128-latent autoencoder: the column space of the
+decoder's Jacobian at the encoder's code of x. This module provides
+
+* `Autoencoder`: linen module, MLP or convolutional, configurable latent size; a
+  deterministic encoder, so its output *is* the mean code;
+* `train_autoencoder`: a self-contained optax (Adam, MSE) loop, the whole run one jitted
+  `lax.scan`;
+* `save_autoencoder` / `load_autoencoder`: orbax checkpoint of the parameters plus a JSON
+  record of the architecture and training settings;
+* `learned_tangent_basis`: orthonormalised decoder Jacobian (forward-mode, one JVP per
+  latent direction, batched) at the codes of a batch of images.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pagjax import geometry, validation
+
+Array = jax.Array
+ARCHS = ("mlp", "conv")
+
+
+class Encoder(nn.Module):
+    """Image (n, ...) -> code (n, latent_dim)."""
+
+    latent_dim: int
+    arch: str = "mlp"
+    hidden: tuple[int, ...] = (256,)
+    features: tuple[int, ...] = (32, 64)
+
+    @nn.compact
+    def __call__(self, x):
+        n = x.shape[0]
+        if self.arch == "conv":
+            h = x
+            for f in self.features:
+                h = nn.gelu(nn.Conv(f, (3, 3), strides=(2, 2))(h))
+            h = h.reshape((n, -1))
+        else:
+            h = x.reshape((n, -1))
+            for width in self.hidden:
+                h = nn.gelu(nn.Dense(width)(h))
+        return nn.Dense(self.latent_dim)(h)
+
+
+class Decoder(nn.Module):
+    """Code (n, latent_dim) -> image (n, *image_shape). Smooth (GELU) so its Jacobian is."""
+
+    image_shape: tuple[int, ...]
+    arch: str = "mlp"
+    hidden: tuple[int, ...] = (256,)
+    features: tuple[int, ...] = (32, 64)
+
+    @nn.compact
+    def __call__(self, z):
+        n = z.shape[0]
+        if self.arch == "conv":
+            hgt, wid, ch = self.image_shape
+            s = 2 ** len(self.features)
+            h = nn.gelu(nn.Dense((hgt // s) * (wid // s) * self.features[-1])(z))
+            h = h.reshape((n, hgt // s, wid // s, self.features[-1]))
+            for f in reversed(self.features):
+                h = nn.gelu(nn.ConvTranspose(f, (3, 3), strides=(2, 2))(h))
+            return nn.Conv(ch, (3, 3))(h)
+        h = z
+        for width in reversed(self.hidden):
+            h = nn.gelu(nn.Dense(width)(h))
+        h = nn.Dense(math.prod(self.image_shape))(h)
+        return h.reshape((n,) + tuple(self.image_shape))
+
+
+class Autoencoder(nn.Module):
+    """Deterministic autoencoder; ``apply(params, x)`` reconstructs, methods encode/decode.
+
+    Attributes:
+      image_shape: shape of one example, e.g. (32, 32, 3) or (d,) (``"mlp"`` only).
+      latent_dim: code size (the paper: 128 on CIFAR-10).
+      arch: ``"mlp"`` or ``"conv"`` (NHWC with H, W divisible by 2**len(features)).
+      hidden: MLP widths; features: conv channels per stride-2 stage.
+    """
+
+    image_shape: tuple[int, ...]
+    latent_dim: int = 128
+    arch: str = "mlp"
+    hidden: tuple[int, ...] = (256,)
+    features: tuple[int, ...] = (32, 64)
+
+    def setup(self):
+        self.encoder = Encoder(self.latent_dim, self.arch, self.hidden, self.features)
+        self.decoder = Decoder(tuple(self.image_shape), self.arch, self.hidden, self.features)
+
+    def encode(self, x):
+        """Code of each example (n, latent_dim)."""
+        return self.encoder(x)
+
+    def decode(self, z):
+        """Reconstruction (n, *image_shape) from codes (n, latent_dim)."""
+        return self.decoder(z)
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+
+class TrainedAutoencoder(NamedTuple):
+    """A model definition with its parameters and the training loss per step."""
+
+    model: Autoencoder
+    params: Any
+    losses: Array
+
+
+def _check_model_config(image_shape, latent_dim, arch, features):
+    validation.check_positive_int("latent_dim", latent_dim)
+    validation.check_choice("arch", arch, ARCHS)
+    if arch == "conv":
+        if len(image_shape) != 3:
+            raise ValueError(f"arch='conv' needs NHWC images, got example shape {tuple(image_shape)}")
+        s = 2 ** len(features)
+        if image_shape[0] % s or image_shape[1] % s:
+            raise ValueError(
+                f"arch='conv' with {len(features)} stride-2 stages needs H and W divisible by {s}, "
+                f"got {tuple(image_shape)}"
+            )
+
+
+def make_autoencoder(image_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
+                     hidden: Sequence[int] = (256,), features: Sequence[int] = (32, 64)) -> Autoencoder:
+    """An `Autoencoder` for examples of ``image_shape``, with argument checks."""
+    _check_model_config(tuple(image_shape), latent_dim, arch, tuple(features))
+    return Autoencoder(tuple(int(s) for s in image_shape), int(latent_dim), arch,
+                       tuple(int(h) for h in hidden), tuple(int(f) for f in features))
+
+
+def train_autoencoder(
+    x_train: Array,
+    *,
+    latent_dim: int,
+    steps: int,
+    key: Array,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    arch: str = "mlp",
+    hidden: Sequence[int] = (256,),
+    features: Sequence[int] = (32, 64),
+) -> TrainedAutoencoder:
+    """Train an autoencoder on ``x_train`` (N, ...) by Adam on the mean squared error.
+
+    Minibatches are drawn uniformly with replacement; the whole run is one jitted
+    ``lax.scan`` over ``steps``. Returns a `TrainedAutoencoder` (model, params, losses).
+    """
+    validation.check_images("x_train", x_train, ranks=(2, 3, 4))
+    validation.check_positive_int("steps", steps)
+    validation.check_positive_int("batch_size", batch_size)
+    validation.check_positive("learning_rate", learning_rate)
+    model = make_autoencoder(x_train.shape[1:], latent_dim, arch=arch, hidden=hidden, features=features)
+    init_key, data_key = jax.random.split(key)
+    params = model.init(init_key, x_train[:1])
+    tx = optax.adam(learning_rate)
+    params, losses = _train(model, tx, params, jnp.asarray(x_train), data_key, steps,
+                            min(batch_size, x_train.shape[0]))
+    return TrainedAutoencoder(model, params, losses)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 5, 6))
+def _train(model, tx, params, x, key, steps, batch_size):
+    def loss_fn(p, xb):
+        return jnp.mean(jnp.square(model.apply(p, xb) - xb))
+
+    def step(carry, k):
+        p, opt = carry
+        idx = jax.random.randint(k, (batch_size,), 0, x.shape[0])
+        loss, g = jax.value_and_grad(loss_fn)(p, x[idx])
+        updates, opt = tx.update(g, opt, p)
+        return (optax.apply_updates(p, updates), opt), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(key, steps))
+    return params, losses
+
+
+# --------------------------------------------------------------------------- tangent spaces
+
+
+def encode(ae: TrainedAutoencoder, x: Array) -> Array:
+    """Codes of a batch under a trained autoencoder."""
+    return ae.model.apply(ae.params, x, method=Autoencoder.encode)
+
+
+def decode(ae: TrainedAutoencoder, z: Array) -> Array:
+    """Decoded images of a batch of codes."""
+    return ae.model.apply(ae.params, z, method=Autoencoder.decode)
+
+
+def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = None,
+                          rank_tol: float = 1e-6) -> geometry.TangentBasis:
+    """Tangent bases of real images: orthonormalised decoder Jacobians at their codes.
+
+    Args:
+      ae_params: a `TrainedAutoencoder`, or raw parameters together with ``model``.
+      x: images (n, ...) of the autoencoder's example shape.
+      model: the `Autoencoder` definition when ``ae_params`` are raw parameters.
+      rank_tol: relative singular-value threshold for the reported rank.
+
+    Returns:
+      `geometry.TangentBasis`: basis (n, d, latent_dim) (for latent_dim <= d), rank (n,).
+    """
+    if isinstance(ae_params, TrainedAutoencoder):
+        model, params = ae_params.model, ae_params.params
+    else:
+        params = ae_params
+        if model is None:
+            raise ValueError("model is required when ae_params are raw parameters (not a TrainedAutoencoder)")
+    validation.check_images("x", x, ranks=(2, 3, 4))
+    if tuple(x.shape[1:]) != tuple(model.image_shape):
+        raise ValueError(f"x must have example shape {tuple(model.image_shape)}, got {tuple(x.shape[1:])}")
+    validation.check_positive("rank_tol", rank_tol)
+    return _learned_basis(model, params, x, rank_tol)
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _learned_basis(model, params, x, rank_tol):
+    z = model.apply(params, x, method=Autoencoder.encode)
+    gen = lambda zz: model.apply(params, zz, method=Autoencoder.decode)  # noqa: E731
+    return geometry.orthonormalize(geometry.generator_jacobian(gen, z), rank_tol=rank_tol)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _config(model: Autoencoder) -> dict:
+    return {"image_shape": list(model.image_shape), "latent_dim": model.latent_dim, "arch": model.arch,
+            "hidden": list(model.hidden), "features": list(model.features)}
+
+
+def save_autoencoder(path: str, ae: TrainedAutoencoder, *, extra: dict | None = None) -> None:
+    """Save ``ae`` to directory ``path``: orbax checkpoint ``params/`` + ``config.json``.
+
+    ``extra`` (JSON-serialisable) is stored in the config record, e.g. the data set and
+    training settings. An existing checkpoint at ``path`` is overwritten.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(path, "params"), ae.params, force=True)
+    ckptr.wait_until_finished()
+    record = {"model": _config(ae.model), "final_loss": float(ae.losses[-1]) if len(ae.losses) else None,
+              "steps": int(len(ae.losses)), "extra": extra or {}}
+    geometry._atomic_write(os.path.join(path, "config.json"),
+                           lambda f: f.write(json.dumps(record, indent=2, sort_keys=True)), mode="w")
+
+
+def load_autoencoder(path: str) -> TrainedAutoencoder:
+    """Load an autoencoder saved by `save_autoencoder` (losses are not stored: empty)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"no autoencoder checkpoint at {path} (missing config.json)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)["model"]
+    model = make_autoencoder(cfg["image_shape"], cfg["latent_dim"], arch=cfg["arch"],
+                             hidden=cfg["hidden"], features=cfg["features"])
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                              jnp.zeros((1,) + tuple(cfg["image_shape"]), jnp.float32))
+    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
+    return TrainedAutoencoder(model, params, jnp.zeros((0,), jnp.float32))
