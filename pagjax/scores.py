@@ -113,18 +113,37 @@ class ScoreSource:
         return self.fn(self.params, x, y, noise_level)
 
 
+def _exact_score(m, x, y, s):
+    return m.score(x, s)
+
+
+def _exact_class_score(m, x, y, s):
+    return m.class_score(x, y, s)
+
+
+def _exact_bayes_gradient(m, x, y, s):
+    return m.bayes_gradient(x, y, s)
+
+
+_EXACT_FNS = {"score": _exact_score, "class_score": _exact_class_score, "bayes_gradient": _exact_bayes_gradient}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class _ExactFn:
+class _ClosedExactFn:
+    """For manifolds that are not pytrees of arrays: close over the object."""
+
     manifold: Any
     kind: str
 
     def __call__(self, params, x, y, s):
-        m = self.manifold
-        if self.kind == "score":
-            return m.score(x, s)
-        if self.kind == "class_score":
-            return m.class_score(x, y, s)
-        return m.bayes_gradient(x, y, s)
+        return _EXACT_FNS[self.kind](self.manifold, x, y, s)
+
+
+def _is_array_pytree(obj) -> bool:
+    leaves, treedef = jax.tree.flatten(obj)
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # obj is itself a leaf
+        return False
+    return all(isinstance(v, (jax.Array, np.ndarray, np.generic, float, int)) for v in leaves)
 
 
 def exact_score(manifold, kind: str = "score", *, name: str | None = None) -> ScoreSource:
@@ -132,30 +151,34 @@ def exact_score(manifold, kind: str = "score", *, name: str | None = None) -> Sc
 
     Args:
       manifold: an object with ``score(x, s)``, ``class_score(x, y, s)`` and
-        ``bayes_gradient(x, y, s)`` (only the one `kind` needs).
+        ``bayes_gradient(x, y, s)`` (only the one `kind` needs). A manifold that is a
+        pytree of arrays (like `pagjax.manifolds`' dataclasses) is passed through
+        `jit` as an argument, so one compilation serves every manifold of a type.
       kind: ``"score"`` grad log p_s(x); ``"class_score"`` grad log p_s(x|y);
         ``"bayes_gradient"`` grad log p_s(y|x), the gradient a Bayes-optimal
         noise-trained classifier has (what the theory predicts).
       name: stable identifier for caching; default: a fingerprint of the manifold's
-        contents when it is a dataclass of arrays / numbers (else ``repr``-free
-        objects must be named for on-disk caching).
+        contents (its pytree leaves or dataclass fields). Objects without one are
+        cached in memory only.
     """
     validation.check_choice("kind", kind, EXACT_KINDS)
-    method = {"score": "score", "class_score": "class_score", "bayes_gradient": "bayes_gradient"}[kind]
-    if not callable(getattr(manifold, method, None)):
-        raise ValueError(f"manifold {type(manifold).__name__} has no method {method}(...)")
+    if not callable(getattr(manifold, kind, None)):
+        raise ValueError(f"manifold {type(manifold).__name__} has no method {kind}(...)")
     if name is None:
         try:
-            name = f"exact-{kind}-{type(manifold).__name__}-{fingerprint(manifold)}"
+            if _is_array_pytree(manifold):
+                leaves, treedef = jax.tree.flatten(manifold)
+                fp = fingerprint([str(treedef), [np.asarray(v) for v in leaves]])
+            else:
+                fp = fingerprint(manifold)
+            name = f"exact-{kind}-{type(manifold).__name__}-{fp}"
         except TypeError:
-            name = ""  # unnamed: in-memory caching by object identity only
-    return ScoreSource(
-        fn=_ExactFn(manifold, kind),
-        params=None,
-        needs_labels=kind != "score",
-        kind=kind,
-        name=name,
-    )
+            name = ""  # unnamed: in-memory caching only
+    if _is_array_pytree(manifold):
+        fn, params = _EXACT_FNS[kind], manifold
+    else:
+        fn, params = _ClosedExactFn(manifold, kind), None
+    return ScoreSource(fn=fn, params=params, needs_labels=kind != "score", kind=kind, name=name)
 
 
 def score_fn_source(
