@@ -205,7 +205,7 @@ def decode(ae: TrainedAutoencoder, z: Array) -> Array:
 
 
 def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = None,
-                          rank_tol: float = 1e-6) -> geometry.TangentBasis:
+                          rank_tol: float = 1e-6, method: str = "svd") -> geometry.TangentBasis:
     """Tangent bases of real images: orthonormalised decoder Jacobians at their codes.
 
     Args:
@@ -213,6 +213,8 @@ def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = No
       x: images (n, ...) of the autoencoder's example shape.
       model: the `Autoencoder` definition when ``ae_params`` are raw parameters.
       rank_tol: relative singular-value threshold for the reported rank.
+      method: ``"svd"`` or ``"gram"`` (much faster for d >> latent_dim), see
+        `geometry.orthonormalize`.
 
     Returns:
       `geometry.TangentBasis`: basis (n, d, latent_dim) (for latent_dim <= d), rank (n,).
@@ -227,14 +229,15 @@ def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = No
     if tuple(x.shape[1:]) != tuple(model.image_shape):
         raise ValueError(f"x must have example shape {tuple(model.image_shape)}, got {tuple(x.shape[1:])}")
     validation.check_positive("rank_tol", rank_tol)
-    return _learned_basis(model, params, x, rank_tol)
+    validation.check_choice("method", method, geometry.ORTHO_METHODS)
+    return _learned_basis(model, params, x, rank_tol, method)
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _learned_basis(model, params, x, rank_tol):
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _learned_basis(model, params, x, rank_tol, method):
     z = model.apply(params, x, method=Autoencoder.encode)
     gen = lambda zz: model.apply(params, zz, method=Autoencoder.decode)  # noqa: E731
-    return geometry.orthonormalize(geometry.generator_jacobian(gen, z), rank_tol=rank_tol)
+    return geometry.orthonormalize(geometry.generator_jacobian(gen, z), rank_tol=rank_tol, method=method)
 
 
 # --------------------------------------------------------------------------- checkpoints

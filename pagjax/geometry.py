@@ -98,21 +98,56 @@ def num_features(x) -> int:
 # --------------------------------------------------------------------------- tangent bases
 
 
-def orthonormalize(jac: Array, *, rank_tol: float = 1e-6) -> TangentBasis:
-    """Orthonormal bases of the column spaces of Jacobians ``jac`` (n, d, m), by thin SVD.
+ORTHO_METHODS = ("svd", "gram")
+GRAM_MIN_TOL = 1e-3  # a float32 Gram matrix resolves singular-value ratios only to ~sqrt(eps)
 
-    Singular values ``<= rank_tol * max`` count as zero: their left singular vectors are
-    replaced by zero columns and ``rank`` reports how many were kept. The result has
-    ``k = min(d, m)`` columns.
+
+def _svd_basis(jac, rank_tol):
+    u, s, _ = jnp.linalg.svd(jac, full_matrices=False)
+    smax = s[:, :1]
+    keep = (s > rank_tol * smax) & (smax > 0)
+    return u * keep[:, None, :].astype(u.dtype), keep
+
+
+def _gram_pass(a, rel_tol):
+    """Orthonormal basis of range(a) from the eigen-decomposition of the small a^T a."""
+    gram = jnp.swapaxes(a, -1, -2) @ a
+    lam, v = jnp.linalg.eigh(gram)  # ascending
+    lam, v = lam[:, ::-1], v[:, :, ::-1]  # descending, like the SVD
+    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    smax = s[:, :1]
+    keep = (s > rel_tol * smax) & (smax > 0)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+    return (a @ v) * inv[:, None, :], keep
+
+
+def _gram_basis(jac, rank_tol):
+    u, keep = _gram_pass(jac, max(rank_tol, GRAM_MIN_TOL))
+    # second pass (as in CholeskyQR2) restores orthonormality to float32 precision
+    u2, keep2 = _gram_pass(u, 0.5)
+    return u2 * keep2[:, None, :].astype(u2.dtype), keep
+
+
+def orthonormalize(jac: Array, *, rank_tol: float = 1e-6, method: str = "svd") -> TangentBasis:
+    """Orthonormal bases of the column spaces of Jacobians ``jac`` (n, d, m).
+
+    ``method="svd"``: thin SVD; singular values ``<= rank_tol * max`` count as zero.
+    ``method="gram"``: eigen-decomposition of the small (m, m) Gram matrix ``J^T J``, then
+    ``U = J V S^-1``, applied twice (the second pass fixes the orthonormality, as in
+    CholeskyQR2; Fukaya et al., 2014). Far cheaper for tall Jacobians (d >> m) but in
+    float32 it resolves singular values only down to ``1e-3 * max``, so the effective
+    tolerance is ``max(rank_tol, 1e-3)``.
+
+    Dropped directions become zero columns and ``rank`` says how many were kept; the
+    result has ``k = min(d, m)`` columns, kept ones first.
     """
     if jac.ndim != 3:
         raise ValueError(f"jac must have shape (n, d, m), got {tuple(jac.shape)}")
     validation.check_positive("rank_tol", rank_tol)
-    u, s, _ = jnp.linalg.svd(jac, full_matrices=False)
-    smax = s[:, :1]
-    keep = s > rank_tol * smax
-    keep = keep & (smax > 0)
-    basis = u * keep[:, None, :].astype(u.dtype)
+    validation.check_choice("method", method, ORTHO_METHODS)
+    if method == "gram" and jac.shape[2] > jac.shape[1]:
+        method = "svd"  # more latents than features: the Gram matrix is singular
+    basis, keep = (_svd_basis if method == "svd" else _gram_basis)(jac, rank_tol)
     return TangentBasis(basis=basis, rank=jnp.sum(keep, axis=-1).astype(jnp.int32))
 
 
@@ -133,7 +168,7 @@ def generator_jacobian(generator: Callable[[Array], Array], z: Array) -> Array:
 
 
 def tangent_basis_from_generator(
-    generator: Callable[[Array], Array], z: Array, *, rank_tol: float = 1e-6
+    generator: Callable[[Array], Array], z: Array, *, rank_tol: float = 1e-6, method: str = "svd"
 ) -> TangentBasis:
     """Orthonormal tangent bases of the manifold ``x = generator(z)`` at each latent row.
 
@@ -141,20 +176,25 @@ def tangent_basis_from_generator(
       generator: batched ``(n, m) -> (n, ...)``, differentiable, rows independent.
       z: latents ``(n, m)``.
       rank_tol: relative singular-value threshold for the numerical rank.
+      method: ``"svd"`` (exact rank) or ``"gram"`` (fast for d >> m), see `orthonormalize`.
 
     Returns:
       `TangentBasis` with ``basis`` (n, d, min(d, m)) and ``rank`` (n,).
+
+    The computation is jitted with ``generator`` as a static argument: pass the same
+    generator object again to reuse the compiled function.
     """
     validation.check_images("z", z, ranks=(2,))
     validation.check_positive("rank_tol", rank_tol)
-    return _tangent_basis_jit(generator, z, rank_tol)
+    validation.check_choice("method", method, ORTHO_METHODS)
+    return _tangent_basis_jit(generator, z, rank_tol, method)
 
 
-def _tangent_basis_impl(generator, z, rank_tol):
-    return orthonormalize(generator_jacobian(generator, z), rank_tol=rank_tol)
+def _tangent_basis_impl(generator, z, rank_tol, method):
+    return orthonormalize(generator_jacobian(generator, z), rank_tol=rank_tol, method=method)
 
 
-_tangent_basis_jit = jax.jit(_tangent_basis_impl, static_argnums=(0, 2))
+_tangent_basis_jit = jax.jit(_tangent_basis_impl, static_argnums=(0, 2, 3))
 
 
 # --------------------------------------------------------------------------- projections

@@ -223,3 +223,30 @@ def test_bad_shapes_give_clear_errors(subspace):
         tangent_basis_from_generator(linear_generator(u, mean), jnp.ones((2, K)), rank_tol=-1.0)
     with pytest.raises(ValueError, match="basis_b.*wrong size"):
         principal_angles(u, jnp.ones((D - 1, 2)))
+
+
+def test_gram_orthonormalization_matches_svd():
+    # tall Jacobians with a spread of singular values, one exactly rank deficient
+    key = jax.random.PRNGKey(6)
+    ka, kb = jax.random.split(key)
+    left, _ = jnp.linalg.qr(jax.random.normal(ka, (64, 6)))
+    right, _ = jnp.linalg.qr(jax.random.normal(kb, (6, 6)))
+    sv = jnp.array([[10.0, 3.0, 1.0, 0.3, 0.1, 0.05], [5.0, 2.0, 1.0, 0.5, 0.2, 0.0]])
+    jac = jnp.einsum("dk,nk,kj->ndj", left, sv, right)
+    svd = geometry.orthonormalize(jac, method="svd")
+    gram = geometry.orthonormalize(jac, method="gram")
+    np.testing.assert_array_equal(svd.rank, [6, 5])
+    np.testing.assert_array_equal(gram.rank, [6, 5])
+    gtg = jnp.einsum("ndk,ndj->nkj", gram.basis, gram.basis)
+    expected = np.stack([np.eye(6), np.diag([1.0] * 5 + [0.0])])
+    np.testing.assert_allclose(gtg, expected, atol=1e-5)
+    np.testing.assert_allclose(gram.basis[1, :, 5], 0.0, atol=0)
+    assert float(jnp.max(principal_angles(gram.basis[0], svd.basis[0]))) < 1e-3
+    assert float(jnp.max(principal_angles(gram.basis[1, :, :5], svd.basis[1, :, :5]))) < 1e-3
+    # the same through the generator API
+    u, _ = jnp.linalg.qr(jax.random.normal(key, (D, K)))
+    gen = linear_generator(u, jnp.zeros(D))
+    tb = tangent_basis_from_generator(gen, jnp.ones((2, K)), method="gram")
+    assert float(jnp.max(principal_angles(tb.basis, u))) < 1e-3
+    with pytest.raises(ValueError, match="method"):
+        tangent_basis_from_generator(gen, jnp.ones((2, K)), method="qr")
