@@ -2,7 +2,7 @@
 from pagjax.gradients import input_gradients, value_and_input_gradients
 from pagjax.models import Model, build_model
 from pagjax.objectives import METHODS, ObjectiveOptions, make_objective
-from pagjax.train import OptimizerConfig, TrainConfig, TrainState, make_train_step, train
+from pagjax.training import OptimizerConfig, TrainConfig, TrainState, make_train_step, train
 
 __version__ = "0.1.0"
 

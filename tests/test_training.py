@@ -9,7 +9,7 @@ from conftest import NUM_FAKE_DEVICES
 from pagjax import devices
 from pagjax.models import build_model
 from pagjax.objectives import make_objective
-from pagjax.train import (
+from pagjax.training import (
     OptimizerConfig,
     TrainConfig,
     batch_indices,
