@@ -247,19 +247,26 @@ def _linear_manifold(**kw):
     pytest.skip("pagjax.manifolds has no linear manifold builder yet")
 
 
+def _bayes_apply(params, x):
+    """A model whose logits are the Bayes-optimal log-posterior; params = (manifold, s)."""
+    manifold, s = params
+    return manifold.log_posterior(x, s)
+
+
 @pytest.mark.parametrize("normal_offset", [0.0, 0.1])
 def test_model_equal_to_bayes_log_posterior_aligns_at_cosine_one(normal_offset):
     m = _linear_manifold(normal_offset=normal_offset, normal_noise=0.02 if normal_offset else 0.0)
     data = m.sample(jax.random.key(1), 16)
     x = data.x + 0.1 * jax.random.normal(jax.random.key(2), data.x.shape)
+    src = scores.exact_score(m, "bayes_gradient")
     for s in (0.1, 0.5):
-        apply_fn = lambda p, xx, s=s: m.log_posterior(xx, s)  # noqa: E731
-        r = ga.grad_align(apply_fn, None, x, data.y, score=scores.exact_score(m, "bayes_gradient"),
-                          noise_level=s, target="logprob", metrics=("cosine",))
+        params = (m, jnp.float32(s))
+        r = ga.grad_align(_bayes_apply, params, x, data.y, score=src, noise_level=s,
+                          target="logprob", metrics=("cosine",))
         # In float32 both sides lose their digits where the posterior saturates
         # (1 - p(y|x) < 1e-5: the gradient is a difference of nearly equal terms), so the
         # exact identity is checked where p(y|x) is not saturated.
-        p_y = np.exp(np.asarray(m.log_posterior(x, s)))[np.arange(16), np.asarray(data.y)]
+        p_y = np.exp(np.asarray(_bayes_apply(params, x)))[np.arange(16), np.asarray(data.y)]
         ok = p_y < 1 - 1e-5
         assert ok.sum() >= 8
         np.testing.assert_allclose(np.asarray(r.per_example["cosine"])[ok], 1.0, atol=1e-4)
