@@ -67,11 +67,11 @@ def test_basis_orthonormal_smooth_and_normal_directions_orthogonal(default):
 
 def test_sample_shapes_range_and_determinism(default):
     m = default
-    a = m.sample(jax.random.PRNGKey(3), 500)
-    b = m.sample(jax.random.PRNGKey(3), 500)
-    c = m.sample(jax.random.PRNGKey(4), 500)
-    assert a.x.shape == (500, 16, 16, 1) and a.x.dtype == jnp.float32
-    assert a.y.shape == (500,) and a.y.dtype == jnp.int32 and a.z.shape == (500, 8)
+    a = m.sample(jax.random.PRNGKey(3), 512)
+    b = m.sample(jax.random.PRNGKey(3), 512)
+    c = m.sample(jax.random.PRNGKey(4), 512)
+    assert a.x.shape == (512, 16, 16, 1) and a.x.dtype == jnp.float32
+    assert a.y.shape == (512,) and a.y.dtype == jnp.int32 and a.z.shape == (512, 8)
     np.testing.assert_array_equal(a.x, b.x)
     np.testing.assert_array_equal(a.y, b.y)
     assert not np.allclose(a.x, c.x)
@@ -81,10 +81,10 @@ def test_sample_shapes_range_and_determinism(default):
     assert 0.5 < float(a.z.std()) < 1.5
     assert float(jnp.mean((a.x > -0.25) & (a.x < 1.25))) > 0.99
     # z are the subspace coordinates of x; the normal part is offset + normal noise
-    xf = a.x.reshape(500, -1) - 0.5
+    xf = a.x.reshape(512, -1) - 0.5
     np.testing.assert_allclose(xf @ m.basis, a.z, atol=1e-4)
     off = xf @ m.normal_directions.T                        # (n, C)
-    own = off[jnp.arange(500), a.y]
+    own = off[jnp.arange(512), a.y]
     assert abs(float(own.mean()) - 0.1) < 0.005
     assert abs(float(own.std()) - 0.02) < 0.004
     # same seed -> same manifold; different seed -> different one
@@ -93,12 +93,12 @@ def test_sample_shapes_range_and_determinism(default):
 
 
 def test_make_dataset_split(default):
-    data = make_dataset(default, jax.random.PRNGKey(0), 100, 40)
-    assert data.x_train.shape == (100, 16, 16, 1) and data.x_test.shape == (40, 16, 16, 1)
-    assert data.z_train.shape == (100, 8) and data.y_test.shape == (40,)
+    data = make_dataset(default, jax.random.PRNGKey(0), 64, 40)
+    assert data.x_train.shape == (64, 16, 16, 1) and data.x_test.shape == (40, 16, 16, 1)
+    assert data.z_train.shape == (64, 8) and data.y_test.shape == (40,)
     assert data.manifold is default
     assert not np.allclose(data.x_train[:40], data.x_test)
-    again = make_dataset(default, jax.random.PRNGKey(0), 100, 40)
+    again = make_dataset(default, jax.random.PRNGKey(0), 64, 40)
     np.testing.assert_array_equal(again.x_test, data.x_test)
 
 
@@ -143,7 +143,7 @@ def test_exact_case_bayes_gradient_has_zero_normal_part(normal_noise):
     """normal_offset = 0: grad log p_s(y|x) lies in the subspace at every s, s = 0 included."""
     m = default_linear_manifold(0, normal_offset=0.0, normal_noise=normal_noise)
     for s in [0.0, 0.01, 0.1, 1.0, 10.0]:
-        x, y = noisy(m, jax.random.PRNGKey(1), 256, s)
+        x, y = noisy(m, jax.random.PRNGKey(1), 64, s)
         # evaluate also far off the manifold
         x = x.at[:32].add(0.5 * jax.random.normal(jax.random.PRNGKey(2), x[:32].shape))
         g = m.bayes_gradient(x, y, s)
@@ -164,7 +164,7 @@ def test_exact_case_posterior_depends_only_on_subspace_coordinates():
 
 @pytest.mark.parametrize("s", [0.0, 0.05, 0.3, 2.0])
 def test_bayes_gradient_is_difference_of_scores(default, s):
-    x, y = noisy(default, jax.random.PRNGKey(7), 128, s)
+    x, y = noisy(default, jax.random.PRNGKey(7), 64, s)
     g = default.bayes_gradient(x, y, s)
     diff = default.class_score(x, y, s) - default.score(x, s)
     scale = float(jnp.max(jnp.abs(default.score(x, s))))
@@ -175,10 +175,8 @@ def test_closed_forms_match_autodiff_in_float64():
     with jax.enable_x64(True):
         for offset, noise in [(0.0, 0.0), (0.1, 0.02)]:
             m = to64(default_linear_manifold(0, normal_offset=offset, normal_noise=noise))
-            for s in [0.0, 0.1, 1.0]:
-                if s == 0.0 and noise == 0.0:
-                    continue  # densities on the subspace; x off the subspace not in the support
-                x, y = noisy(m, jax.random.PRNGKey(11), 16, s)
+            for s in ([0.0, 0.3] if noise > 0 else [0.3]):  # noise = s = 0: no density off the subspace
+                x, y = noisy(m, jax.random.PRNGKey(11), 64, s)
                 x = x.astype(jnp.float64)
                 pick = lambda v: jnp.sum(jnp.take_along_axis(v, y[:, None], axis=1))  # noqa: E731
                 ad_class = jax.grad(lambda x: pick(m.log_likelihood(x, s)))(x)
@@ -189,7 +187,7 @@ def test_closed_forms_match_autodiff_in_float64():
                 np.testing.assert_allclose(m.bayes_gradient(x, y, s), ad_post, rtol=1e-8, atol=1e-9)
 
 
-@pytest.mark.parametrize("s", [0.02, 0.1, 0.5, 3.0])
+@pytest.mark.parametrize("s", [0.02, 0.5, 3.0])
 def test_tweedie_score_equals_posterior_mean_residual(s):
     """score(x) = (E[x0|x] - x) / s^2, with E[x0|x] from component responsibilities."""
     with jax.enable_x64(True):
@@ -205,32 +203,42 @@ def test_tweedie_score_equals_posterior_mean_residual(s):
 
 
 def test_posterior_mean_is_identity_at_zero_noise(default):
-    x, _ = noisy(default, jax.random.PRNGKey(2), 32, 0.0)
+    x, _ = noisy(default, jax.random.PRNGKey(2), 64, 0.0)
     np.testing.assert_allclose(default.posterior_mean(x, 0.0), x, atol=1e-5)
 
 
-@pytest.mark.parametrize("offset, noise", [(0.0, 0.0), (0.0, 0.05), (0.2, 0.05)])
+@pytest.mark.parametrize("offset, noise", [(0.0, 0.0), (0.2, 0.05)])
 def test_log_likelihood_matches_dense_multivariate_normal(offset, noise):
-    """Closed form vs. logpdf of the full d x d covariance (U U^T (sw^2+s^2) + tau^2 P_perp)."""
+    """Closed form vs. a dense numpy float64 Gaussian-mixture logpdf with the full d x d
+    covariance (sw^2 + s^2) U U^T + (noise^2 + s^2) P_perp."""
     with jax.enable_x64(True):
         m = to64(make_linear_manifold(3, **SMALL, normal_offset=offset, normal_noise=noise))
         d = m.dim
+        basis, means = np.asarray(m.basis), np.asarray(m.component_means)
+        v, center = np.asarray(m.normal_directions), np.asarray(m.center)
         for s in [0.05, 0.7]:
-            x, _ = noisy(m, jax.random.PRNGKey(9), 8, s)
+            x, _ = noisy(m, jax.random.PRNGKey(9), 64, s)
             x = x.astype(jnp.float64)
-            xf = x.reshape(8, d)
-            proj = m.basis @ m.basis.T
-            cov = (m.component_std**2 + s**2) * proj + (noise**2 + s**2) * (jnp.eye(d) - proj)
-            ref = []
+            xf = np.asarray(x).reshape(64, d)
+            proj = basis @ basis.T
+            cov = (m.component_std**2 + s**2) * proj + (noise**2 + s**2) * (np.eye(d) - proj)
+            _, logdet = np.linalg.slogdet(cov)
+            prec = np.linalg.inv(cov)
+            ref = np.zeros((64, m.num_classes))
             for c in range(m.num_classes):
-                comps = [multivariate_normal.logpdf(
-                    xf, m.center + m.basis @ m.component_means[c, j] + offset * m.normal_directions[c], cov)
-                    for j in range(m.components_per_class)]
-                ref.append(jax.nn.logsumexp(jnp.stack(comps, -1), -1) - math.log(m.components_per_class))
-            ref = jnp.stack(ref, -1)
-            np.testing.assert_allclose(m.log_likelihood(x, s), ref, rtol=1e-9, atol=1e-8)
-            np.testing.assert_allclose(m.log_marginal(x, s),
-                                       jax.nn.logsumexp(ref, -1) - math.log(m.num_classes), atol=1e-8)
+                comps = []
+                for j in range(m.components_per_class):
+                    diff = xf - (center + basis @ means[c, j] + offset * v[c])
+                    maha = np.einsum("ni,ij,nj->n", diff, prec, diff)
+                    comps.append(-0.5 * (maha + logdet + d * np.log(2 * np.pi)))
+                comps = np.stack(comps, -1)
+                top = comps.max(-1, keepdims=True)
+                ref[:, c] = (top[:, 0] + np.log(np.exp(comps - top).sum(-1))
+                             - np.log(m.components_per_class))
+            np.testing.assert_allclose(m.log_likelihood(x, s), ref, rtol=1e-9, atol=1e-7)
+            top = ref.max(-1, keepdims=True)
+            marg = top[:, 0] + np.log(np.exp(ref - top).sum(-1)) - np.log(m.num_classes)
+            np.testing.assert_allclose(m.log_marginal(x, s), marg, rtol=1e-9, atol=1e-7)
 
 
 def test_zero_noise_degenerate_case_is_the_subspace_mixture():
@@ -250,14 +258,14 @@ def test_posterior_is_normalised_and_calibrated(default):
     """Sums to one; and E[max_y p_s(y|x)] equals the Monte-Carlo Bayes accuracy (the
     samples really come from the density the posterior is computed from)."""
     for s in [0.1, 0.3]:
-        x, y = noisy(default, jax.random.PRNGKey(21), 6000, s)
+        x, y = noisy(default, jax.random.PRNGKey(21), 4096, s)
         lp = default.log_posterior(x, s)
         np.testing.assert_allclose(jnp.sum(jnp.exp(lp), -1), 1.0, atol=1e-5)
         expected_acc = float(jnp.mean(jnp.max(jnp.exp(lp), -1)))
         acc = float(jnp.mean(jnp.argmax(lp, -1) == y))
         assert abs(acc - expected_acc) < 0.025, (s, acc, expected_acc)
         # log-likelihood of the true class is on average the highest (proper scoring)
-        assert float(jnp.mean(lp[jnp.arange(6000), y])) > float(jnp.mean(lp))
+        assert float(jnp.mean(lp[jnp.arange(4096), y])) > float(jnp.mean(lp))
 
 
 def test_bayes_accuracy_behaviour(default):
@@ -281,12 +289,12 @@ def test_on_manifold_fraction_rises_with_noise_level(default):
     for s in [0.0, 0.03, 0.1, 0.3, 1.0, 3.0]:
         with jax.enable_x64(True):  # avoid exactly-saturated posteriors (0/0) at small s
             m64 = to64(m)
-            x, y = noisy(m64, jax.random.PRNGKey(5), 400, s)
+            x, y = noisy(m64, jax.random.PRNGKey(5), 512, s)
             g = m64.bayes_gradient(x.astype(jnp.float64), y, s)
             gn = per_example_norm(g)
-            frac = per_example_norm((g.reshape(400, -1) @ m64.basis)) / gn
+            frac = per_example_norm((g.reshape(512, -1) @ m64.basis)) / gn
             frac = np.asarray(frac)[np.asarray(gn) > 0]
-            assert frac.size > 300
+            assert frac.size > 400
             medians.append(float(np.median(frac)))
     random_baseline = math.sqrt(8 / 256)
     assert medians[0] < random_baseline                # weak regime: gradient sits off-manifold
@@ -295,7 +303,7 @@ def test_on_manifold_fraction_rises_with_noise_level(default):
 
 
 def test_jit_vmap_and_traced_noise_level(default):
-    x, y = noisy(default, jax.random.PRNGKey(8), 16, 0.2)
+    x, y = noisy(default, jax.random.PRNGKey(8), 64, 0.2)
     f = jax.jit(lambda m, x, s: m.bayes_gradient(x, y, s))
     np.testing.assert_allclose(f(default, x, 0.2), default.bayes_gradient(x, y, 0.2), rtol=1e-5, atol=1e-6)
     ss = jnp.array([0.0, 0.1, 1.0])
@@ -316,14 +324,18 @@ def test_build_manifold_presets():
     assert m2.dim == 36 and m2.normal_offset == 0.0
 
 
-@settings(max_examples=8, deadline=None)
+@jax.jit
+def _autodiff_minus_closed_form(m, x, y, s):
+    ad = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(m.log_posterior(x, s), y[:, None], 1)))(x)
+    return ad, m.bayes_gradient(x, y, s), jnp.sum(jnp.exp(m.log_posterior(x, s)), -1)
+
+
+@settings(max_examples=6, deadline=None)
 @given(s=st.floats(0.0, 5.0), seed=st.integers(0, 2**16), offset=st.sampled_from([0.0, 0.3]))
 def test_property_closed_form_scores_match_autodiff(s, seed, offset):
     m = make_linear_manifold(seed, **SMALL, normal_offset=offset, normal_noise=0.1)
-    x, y = noisy(m, jax.random.PRNGKey(seed), 8, s)
-    ad = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(m.log_posterior(x, s), y[:, None], 1)))(x)
-    g = m.bayes_gradient(x, y, s)
+    x, y = noisy(m, jax.random.PRNGKey(seed), 64, s)
+    ad, g, total = _autodiff_minus_closed_form(m, x, y, s)
     scale = float(jnp.max(jnp.abs(ad))) + 1e-3
     np.testing.assert_allclose(g, ad, atol=1e-4 * scale)
-    lp = m.log_posterior(x, s)
-    np.testing.assert_allclose(jnp.sum(jnp.exp(lp), -1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)

@@ -110,19 +110,7 @@ class LinearManifold(KnownManifold):
         The latent ``z`` is the subspace coordinate t = U^T (x0 - center) (normal parts excluded).
         """
         validation.check_positive_int("n", n)
-        ky, kj, kt, kn = jax.random.split(key, 4)
-        y = jax.random.randint(ky, (n,), 0, self.num_classes, dtype=jnp.int32)
-        j = jax.random.randint(kj, (n,), 0, self.components_per_class, dtype=jnp.int32)
-        mu = self.component_means[y, j]
-        t = mu + self.component_std * jax.random.normal(kt, mu.shape, jnp.float32)
-        x = self.center[None, :] + t @ self.basis.T
-        if self.normal_offset > 0:
-            x = x + self.normal_offset * self.normal_directions[y]
-        if self.normal_noise > 0:
-            e = jax.random.normal(kn, x.shape, jnp.float32)
-            e = e - (e @ self.basis) @ self.basis.T
-            x = x + self.normal_noise * e
-        return Samples(jnp.reshape(x, (n, *self.image_shape)), y, t)
+        return _sample_linear(self, key, n)
 
     def tangent_basis(self, z: Array) -> Array:
         """The constant tangent basis U broadcast to (n, d, k) for latents z (n, k)."""
@@ -269,6 +257,39 @@ class LinearManifold(KnownManifold):
         return self._unflat(out, x)
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def _sample_linear(m: LinearManifold, key: Array, n: int) -> Samples:
+    ky, kj, kt, kn = jax.random.split(key, 4)
+    y = jax.random.randint(ky, (n,), 0, m.num_classes, dtype=jnp.int32)
+    j = jax.random.randint(kj, (n,), 0, m.components_per_class, dtype=jnp.int32)
+    mu = m.component_means[y, j]
+    t = mu + m.component_std * jax.random.normal(kt, mu.shape, mu.dtype)
+    x = m.center[None, :] + t @ m.basis.T
+    if m.normal_offset > 0:
+        x = x + m.normal_offset * m.normal_directions[y]
+    if m.normal_noise > 0:
+        e = jax.random.normal(kn, x.shape, x.dtype)
+        e = e - (e @ m.basis) @ m.basis.T
+        x = x + m.normal_noise * e
+    return Samples(jnp.reshape(x, (n, *m.image_shape)), y, t)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _linear_arrays(key, image_shape, intrinsic_dim, num_classes, components_per_class,
+                   class_separation):
+    d = image_shape[0] * image_shape[1] * image_shape[2]
+    k_basis, k_normal, k_means = jax.random.split(key, 3)
+    basis = smooth_orthonormal_patterns(k_basis, image_shape, intrinsic_dim)
+    g = jax.random.normal(k_normal, (d, num_classes), jnp.float32)
+    g = g - basis @ (basis.T @ g)
+    normal_dirs, _ = jnp.linalg.qr(g)
+    normal_dirs = normal_dirs - basis @ (basis.T @ normal_dirs)  # re-project: float hygiene
+    normal_dirs = normal_dirs / jnp.linalg.norm(normal_dirs, axis=0, keepdims=True)
+    means = (class_separation / math.sqrt(2.0)) * jax.random.normal(
+        k_means, (num_classes, components_per_class, intrinsic_dim), jnp.float32)
+    return basis, normal_dirs.T, means
+
+
 def make_linear_manifold(
     key: Array | int = 0,
     *,
@@ -326,18 +347,11 @@ def make_linear_manifold(
         raise ValueError(f"center must be finite, got {center!r}")
     if isinstance(key, (int, np.integer)):
         key = jax.random.PRNGKey(int(key))
-    k_basis, k_normal, k_means = jax.random.split(key, 3)
-    basis = smooth_orthonormal_patterns(k_basis, image_shape, intrinsic_dim)
-    g = jax.random.normal(k_normal, (d, num_classes), jnp.float32)
-    g = g - basis @ (basis.T @ g)
-    normal_dirs, _ = jnp.linalg.qr(g)
-    normal_dirs = normal_dirs - basis @ (basis.T @ normal_dirs)  # re-project: float hygiene
-    normal_dirs = normal_dirs / jnp.linalg.norm(normal_dirs, axis=0, keepdims=True)
-    means = (class_separation / math.sqrt(2.0)) * jax.random.normal(
-        k_means, (num_classes, components_per_class, intrinsic_dim), jnp.float32)
+    basis, normal_dirs, means = _linear_arrays(key, image_shape, int(intrinsic_dim), int(num_classes),
+                                               int(components_per_class), float(class_separation))
     return LinearManifold(
         basis=basis,
-        normal_directions=normal_dirs.T,
+        normal_directions=normal_dirs,
         component_means=means,
         center=jnp.full((d,), center, jnp.float32),
         image_shape=image_shape,
