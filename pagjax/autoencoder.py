@@ -205,7 +205,9 @@ def decode(ae: TrainedAutoencoder, z: Array) -> Array:
 
 
 def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = None,
-                          rank_tol: float = 1e-6, method: str = "svd") -> geometry.TangentBasis:
+                          rank_tol: float = 1e-6, method: str = "svd",
+                          direction_chunk: int | None = None,
+                          example_chunk: int | None = None) -> geometry.TangentBasis:
     """Tangent bases of real images: orthonormalised decoder Jacobians at their codes.
 
     Args:
@@ -213,8 +215,9 @@ def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = No
       x: images (n, ...) of the autoencoder's example shape.
       model: the `Autoencoder` definition when ``ae_params`` are raw parameters.
       rank_tol: relative singular-value threshold for the reported rank.
-      method: ``"svd"`` or ``"gram"`` (much faster for d >> latent_dim), see
-        `geometry.orthonormalize`.
+      method: ``"svd"``, ``"gram"`` or ``"cholesky"`` (much faster for d >> latent_dim),
+        see `geometry.orthonormalize`.
+      direction_chunk, example_chunk: JVP chunking, see `geometry.generator_jacobian`.
 
     Returns:
       `geometry.TangentBasis`: basis (n, d, latent_dim) (for latent_dim <= d), rank (n,).
@@ -230,14 +233,15 @@ def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = No
         raise ValueError(f"x must have example shape {tuple(model.image_shape)}, got {tuple(x.shape[1:])}")
     validation.check_positive("rank_tol", rank_tol)
     validation.check_choice("method", method, geometry.ORTHO_METHODS)
-    return _learned_basis(model, params, x, rank_tol, method)
+    return _learned_basis(model, params, x, rank_tol, method, direction_chunk, example_chunk)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def _learned_basis(model, params, x, rank_tol, method):
+@partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+def _learned_basis(model, params, x, rank_tol, method, direction_chunk, example_chunk):
     z = model.apply(params, x, method=Autoencoder.encode)
     gen = lambda zz: model.apply(params, zz, method=Autoencoder.decode)  # noqa: E731
-    return geometry.orthonormalize(geometry.generator_jacobian(gen, z), rank_tol=rank_tol, method=method)
+    jac = geometry.generator_jacobian(gen, z, direction_chunk=direction_chunk, example_chunk=example_chunk)
+    return geometry.orthonormalize(jac, rank_tol=rank_tol, method=method)
 
 
 # --------------------------------------------------------------------------- checkpoints

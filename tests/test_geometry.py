@@ -250,3 +250,26 @@ def test_gram_orthonormalization_matches_svd():
     assert float(jnp.max(principal_angles(tb.basis, u))) < 1e-3
     with pytest.raises(ValueError, match="method"):
         tangent_basis_from_generator(gen, jnp.ones((2, K)), method="qr")
+
+
+def test_cholesky_orthonormalization_and_chunked_jacobian_agree_with_defaults():
+    key = jax.random.PRNGKey(7)
+    jac = jax.random.normal(key, (3, 64, 6)) * jnp.array([1.0, 0.5, 0.2, 0.1, 0.05, 0.02])
+    svd = geometry.orthonormalize(jac, method="svd")
+    chol = geometry.orthonormalize(jac, method="cholesky")
+    np.testing.assert_array_equal(chol.rank, 6)
+    gtg = jnp.einsum("ndk,ndj->nkj", chol.basis, chol.basis)
+    np.testing.assert_allclose(gtg, np.broadcast_to(np.eye(6), gtg.shape), atol=1e-5)
+    assert float(jnp.max(principal_angles(chol.basis, svd.basis))) < 1e-3
+    # an exactly repeated column is detected and dropped
+    dup = jac.at[:, :, 3].set(jac[:, :, 1])
+    chol_dup = geometry.orthonormalize(dup, method="cholesky")
+    np.testing.assert_array_equal(chol_dup.rank, 5)
+    np.testing.assert_allclose(chol_dup.basis[:, :, 3], 0.0, atol=0)
+    assert float(jnp.max(principal_angles(chol_dup.basis[:, :, jnp.array([0, 1, 2, 4, 5])],
+                                          geometry.orthonormalize(dup, method="svd").basis[:, :, :5]))) < 1e-3
+    # chunked JVPs give the same Jacobian
+    z = jnp.array([[3.2, 4.1, 0.3], [2.0, 5.5, 0.0], [4.5, 3.0, 0.5]], jnp.float32)
+    full = generator_jacobian(blob_generator, z)
+    chunked = generator_jacobian(blob_generator, z, direction_chunk=2, example_chunk=2)
+    np.testing.assert_allclose(chunked, full, atol=1e-6)
