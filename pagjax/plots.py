@@ -1,0 +1,112 @@
+"""Figures: the paper's Figure-3 layout and grids of input-gradient images."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pagjax import io as io_lib  # noqa: E402
+
+REGIME_COLOURS = {"weak": "#f4cccc", "bayes_aligned": "#d9ead3", "excessive": "#cfe2f3"}
+
+
+def _plot_positions(strengths: np.ndarray) -> np.ndarray:
+    """Strength 0 cannot sit on a log axis: draw it one decade below the smallest positive."""
+    s = np.asarray(strengths, float)
+    pos = s[s > 0]
+    floor = pos.min() / 10 if pos.size else 1.0
+    return np.where(s > 0, s, floor)
+
+
+def _band(ax, x, values, label, colour):
+    """Mean line and min-max band over seeds; values: (S, seeds) with NaN for diverged."""
+    with np.errstate(all="ignore"):
+        mean, lo, hi = np.nanmean(values, 1), np.nanmin(values, 1), np.nanmax(values, 1)
+    ax.plot(x, mean, "o-", color=colour, label=label, ms=3)
+    ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
+
+
+def _shade(ax, x, labels):
+    edges = np.sqrt(x[:-1] * x[1:]) if len(x) > 1 else np.array([])
+    lefts = np.concatenate([[x[0] / 2], edges])
+    rights = np.concatenate([edges, [x[-1] * 2]])
+    for left, right, lab in zip(lefts, rights, labels):
+        ax.axvspan(left, right, color=REGIME_COLOURS.get(lab, "white"), alpha=0.6, lw=0)
+
+
+def figure3(curves: dict, path: str, *, strength_names: dict | None = None) -> None:
+    """The paper's Figure-3 layout: one column per method.
+
+    ``curves[method]`` holds ``strengths`` (S,), arrays (S, seeds) ``on_change``,
+    ``off_change``, ``accuracy``, ``alignment`` and ``labels`` (S,) regime names.
+    Top: on- and off-manifold change; bottom: accuracy and alignment, regimes shaded.
+    """
+    methods = list(curves)
+    fig, axes = plt.subplots(2, len(methods), figsize=(3.4 * len(methods), 5.6), squeeze=False, sharex="col")
+    for j, method in enumerate(methods):
+        c = curves[method]
+        x = _plot_positions(c["strengths"])
+        top, bottom = axes[0, j], axes[1, j]
+        for ax in (top, bottom):
+            _shade(ax, x, c["labels"])
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+        _band(top, x, c["on_change"], "on-manifold", "tab:green")
+        _band(top, x, c["off_change"], "off-manifold", "tab:red")
+        top.set_title(method)
+        _band(bottom, x, c["accuracy"], "accuracy", "tab:blue")
+        _band(bottom, x, c["alignment"], c.get("alignment_label", "alignment"), "tab:purple")
+        bottom.set_ylim(0, 1.02)
+        bottom.set_xlabel((strength_names or {}).get(method, "strength"))
+        if j == 0:
+            top.set_ylabel("softmax change (L1)")
+            bottom.set_ylabel("accuracy / alignment")
+            top.legend(fontsize=7)
+            bottom.legend(fontsize=7, loc="lower left")
+    patches = [matplotlib.patches.Patch(color=v, label=k) for k, v in REGIME_COLOURS.items()]
+    fig.legend(handles=patches, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, path)
+
+
+def gradient_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: str, *, title: str = "") -> None:
+    """Rows of input-gradient maps (each (n, H, W, C)), each map scaled by its own max |value|."""
+    n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 1.2, 1.3 * n_rows), squeeze=False)
+    for i, (maps, label) in enumerate(zip(rows, row_labels)):
+        for j in range(n_cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= maps.shape[0]:
+                ax.axis("off")
+                continue
+            m = np.asarray(maps[j], float)
+            scale = np.max(np.abs(m)) or 1.0
+            img = m[..., 0] if m.shape[-1] == 1 else 0.5 + 0.5 * m / scale
+            if m.shape[-1] == 1:
+                ax.imshow(img / scale, cmap="RdBu_r", vmin=-1, vmax=1)
+            else:
+                ax.imshow(np.clip(img, 0, 1))
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path):
+    io_lib.atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=path.rsplit(".", 1)[-1]), mode="wb")
+    plt.close(fig)
+
+
+def strength_label(value: float) -> str:
+    """Short label of a strength for figure rows."""
+    return "0" if value == 0 else f"{value:.3g}"
+
+
