@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import dm_pix
 import jax
@@ -186,6 +185,33 @@ class AlignmentResult:
 
 
 # --------------------------------------------------------------------------- core
+
+
+class _ByIdentity:
+    """Wraps an unhashable callable so it can be a static `jit` argument (same object ->
+    same compiled function)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __hash__(self):
+        return id(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
+def _hashable(fn):
+    if fn is None:
+        return None
+    try:
+        hash(fn)
+        return fn
+    except TypeError:
+        return _ByIdentity(fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,8 +416,8 @@ def grad_align(
             notes.append(f"lpips {lnet.net}: {h}x{w} maps upsampled (bilinear) to {lsize[0]}x{lsize[1]}")
         lpips_params, lnet_name = lnet.params, lnet.net
     st = _Static(
-        apply_fn=apply_fn,
-        score_fn=score_fn,
+        apply_fn=_hashable(apply_fn),
+        score_fn=_hashable(score_fn),
         target=target,
         metrics=metrics,
         normalization=normalization,

@@ -1,6 +1,8 @@
 """Tests of pagjax.grad_align: metrics, normalisation, exact-score alignment, errors."""
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagjax import grad_align as ga
-from pagjax import lpips as lpips_lib
-from pagjax import scores
 from tests._gm_fixture import make_fixture
+
+# by module path: `pagjax.grad_align` may be re-exported as the function in pagjax/__init__
+ga = importlib.import_module("pagjax.grad_align")
+scores = importlib.import_module("pagjax.scores")
+lpips_lib = importlib.import_module("pagjax.lpips")
 
 S = 0.3
 

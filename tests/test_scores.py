@@ -5,20 +5,25 @@ The denoiser is trained here (a few seconds on CPU) on the project's linear know
 missing. Stated targets, at every training noise level s in {0.1, 0.3, 1.0}:
 
 * denoising MSE at most 1.35x the exact Bayes (Tweedie posterior-mean) MSE
-  (measured: 1.05-1.19x unconditional, 1.05-1.09x conditional);
+  (measured: 1.21/1.14/1.06x unconditional, 1.10/1.09/1.04x conditional);
 * cosine between the learned score (D(x, s) - x) / s^2 and the exact score at noisy
-  inputs x0 + s n at least 0.99 (measured: 0.997-0.9998).
+  inputs x0 + s n at least 0.99 (measured: 0.9973/0.9987/0.9996 unconditional,
+  0.9988/0.9989/0.9998 conditional).
 """
 from __future__ import annotations
+
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagjax import grad_align as ga
-from pagjax import scores
 from tests._gm_fixture import make_fixture
+
+# by module path: `pagjax.grad_align` may be re-exported as the function in pagjax/__init__
+ga = importlib.import_module("pagjax.grad_align")
+scores = importlib.import_module("pagjax.scores")
 
 LEVELS = (0.1, 0.3, 1.0)
 MSE_RATIO_MAX = 1.35
@@ -129,6 +134,17 @@ def test_train_denoiser_errors():
         scores.train_denoiser(x, noise_levels=0.1, steps=0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="x_train"):
         scores.train_denoiser(x[..., 0], noise_levels=0.1, steps=1, key=jax.random.key(0))
+
+
+def test_conv_denoiser_trains_and_is_finite():
+    x = 0.5 + 0.1 * jax.random.normal(jax.random.key(0), (32, 8, 8, 1))
+    y = jnp.arange(32, dtype=jnp.int32) % 2
+    den = scores.train_denoiser(x, y, noise_levels=(0.2, 0.5), steps=20, key=jax.random.key(1),
+                                conditional=True, arch="conv", width=8, depth=1,
+                                noise_sampling="log_uniform")
+    out = scores.learned_score(den)(x, y, noise_level=0.3)
+    assert out.shape == x.shape and np.all(np.isfinite(out))
+    assert den.num_classes == 2 and den.arch == "conv"
 
 
 def test_fingerprint_is_content_based():
