@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pagjax.manifolds.base import KnownManifold
+from pagjax.manifolds.curved import default_curved_manifold, make_curved_manifold
 from pagjax.manifolds.linear import default_linear_manifold, make_linear_manifold
 
 
@@ -18,6 +19,8 @@ _BUILDERS: dict[str, Callable[..., KnownManifold]] = {
     "linear": make_linear_manifold,             # all parameters explicit (defaults: exact case)
     "linear_default": default_linear_manifold,  # the project's default sweep data
     "linear_exact": _linear_exact,              # default geometry, exactly on the subspace
+    "curved": make_curved_manifold,             # bent strokes, all parameters explicit
+    "curved_default": default_curved_manifold,  # same defaults, preset name
 }
 
 
