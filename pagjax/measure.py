@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagjax import attacks, gradients, grad_align, robustness, validation
+from pagjax import alignment, attacks, gradients, robustness, validation
 from pagjax.objectives import cross_entropy
 
 Array = jax.Array
@@ -151,15 +151,15 @@ def measure_model(apply_fn, variables, evalset: EvalSet, config: MeasureConfig, 
         row["grad_on_manifold_fraction"] = float(jnp.mean(frac))
         row["random_fraction"] = float(baseline)
     if evalset.score_maps is not None:
-        row["score_cosine"] = float(jnp.mean(grad_align.cosine_similarity(grads, evalset.score_maps)))
+        row["score_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.score_maps)))
     if evalset.bayes_maps is not None:
-        row["bayes_cosine"] = float(jnp.mean(grad_align.cosine_similarity(grads, evalset.bayes_maps)))
+        row["bayes_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.bayes_maps)))
         if evalset.lpips_net is not None:
             m = config.lpips_images
-            a = grad_align.normalize_maps(grads[:m], "max_abs")
-            b = grad_align.normalize_maps(evalset.bayes_maps[:m], "max_abs")
+            a = alignment.normalize_maps(grads[:m], "max_abs")
+            b = alignment.normalize_maps(evalset.bayes_maps[:m], "max_abs")
             row["lpips_alignment"] = float(jnp.mean(
-                grad_align.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
+                alignment.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
     if config.pgd_eps is not None:
         row["robust_accuracy"] = robust_accuracy(apply_fn, variables, x, y, config.pgd_eps, config.pgd_steps, k_pgd)
     return row, np.asarray(grads[: config.grid_images])

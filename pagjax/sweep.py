@@ -145,7 +145,8 @@ def train_models(
       strategy: ``auto``, ``vmap``, ``loop`` or ``sharded`` (module docstring).
       steps_per_call: steps per compiled call; checkpoints happen between calls.
       state: a restored `SweepState` to resume from (its step counter says where).
-      on_chunk: called with the state after each chunk (e.g. to checkpoint it).
+      on_chunk: called with the state after each chunk (e.g. to checkpoint it); the
+        next chunk donates the state's buffers, so copy (or save) what you keep.
       on_progress: called with a `SweepProgress` after each chunk.
     """
     strengths = np.asarray(strengths, np.float64)

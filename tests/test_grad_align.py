@@ -1,4 +1,4 @@
-"""Tests of pagjax.grad_align: metrics, normalisation, exact-score alignment, errors."""
+"""Tests of pagjax.alignment (grad_align): metrics, normalisation, exact-score alignment, errors."""
 from __future__ import annotations
 
 import importlib
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from tests._gm_fixture import make_fixture
 
-# by module path: `pagjax.grad_align` may be re-exported as the function in pagjax/__init__
-ga = importlib.import_module("pagjax.grad_align")
+# the module is pagjax.alignment; `pagjax.grad_align` is the function
+ga = importlib.import_module("pagjax.alignment")
 scores = importlib.import_module("pagjax.scores")
 lpips_lib = importlib.import_module("pagjax.lpips")
 

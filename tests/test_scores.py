@@ -21,8 +21,8 @@ import pytest
 
 from tests._gm_fixture import make_fixture
 
-# by module path: `pagjax.grad_align` may be re-exported as the function in pagjax/__init__
-ga = importlib.import_module("pagjax.grad_align")
+# the module is pagjax.alignment; `pagjax.grad_align` is the function
+ga = importlib.import_module("pagjax.alignment")
 scores = importlib.import_module("pagjax.scores")
 
 LEVELS = (0.1, 0.3, 1.0)

@@ -1,0 +1,96 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import NUM_FAKE_DEVICES
+from pagjax import models, objectives, sweep, training
+
+
+def _toy(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, 4, 4, 1)).astype(np.float32)
+    y = (x.reshape(n, -1)[:, :8].mean(1) > x.reshape(n, -1)[:, 8:].mean(1)).astype(np.int32)
+    return x, y
+
+
+MODEL = models.build_model("mlp:width=16", 2)
+OPT_CFG = training.OptimizerConfig(learning_rate=1e-2)
+
+
+def _train(strategy, strengths, seeds, method="noise", steps=30, **kw):
+    x, y = _toy()
+    opt = training.make_optimizer(OPT_CFG, steps)
+    obj = objectives.make_objective(method, pgd_steps=2)
+    return sweep.train_models(MODEL, obj, opt, x, y, strengths, seeds, steps=steps, batch_size=32,
+                              strategy=strategy, steps_per_call=kw.pop("steps_per_call", 10), **kw)
+
+
+def test_every_strategy_trains_each_model_as_train_would_alone():
+    strengths, seeds = [0.0, 0.1, 0.3], [0, 1, 2]
+    x, y = _toy()
+    results = {s: _train(s, strengths, seeds) for s in ("vmap", "loop", "sharded")}
+    for i, (strength, seed) in enumerate(zip(strengths, seeds)):
+        alone = training.train(
+            training.TrainConfig(model="mlp:width=16", method="noise", strength=strength, steps=30, batch_size=32,
+                                 seed=seed, optimizer=OPT_CFG), x, y, num_classes=2, progress=False)
+        for strategy, state in results.items():
+            chex.assert_trees_all_close(sweep.model_variables(state, i), alone.variables, rtol=2e-4, atol=2e-5,
+                                        custom_message=f"{strategy} model {i}")
+
+
+def test_sharded_strategy_spreads_models_over_all_devices():
+    state = _train("sharded", [0.0, 0.1, 0.2, 0.3, 0.4], [0, 1, 2, 3, 4], steps=10)
+    assert len(jax.devices()) == NUM_FAKE_DEVICES
+    assert np.asarray(state.train.step).tolist() == [10] * 5  # padding removed
+
+
+def test_a_diverging_model_is_flagged_and_does_not_poison_the_others():
+    state = _train("vmap", [0.1, 1e38], [0, 0], steps=20)
+    assert np.asarray(state.diverged).tolist() == [False, True]
+    ok = sweep.model_variables(state, 0)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(ok))
+    alone = _train("vmap", [0.1], [0], steps=20)
+    chex.assert_trees_all_close(ok, sweep.model_variables(alone, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_from_a_chunk_state_equals_an_uninterrupted_run():
+    saved = []
+    # on_chunk must copy what it keeps: the next chunk donates the state's buffers.
+    full = _train("vmap", [0.0, 0.2], [3, 4], steps=40, on_chunk=lambda s: saved.append(jax.tree.map(jnp.copy, s)))
+    assert [int(np.asarray(s.train.step)[0]) for s in saved] == [10, 20, 30, 40]
+    resumed = _train("vmap", [0.0, 0.2], [3, 4], steps=40, state=saved[1])
+    chex.assert_trees_all_close(resumed.train.params, full.train.params, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_reports_every_chunk():
+    seen = []
+    _train("loop", [0.0], [0], steps=25, on_progress=seen.append)
+    assert [p.step for p in seen] == [10, 20, 25]
+    assert seen[-1].loss.shape == (1,) and np.isfinite(seen[-1].loss).all()
+
+
+def test_choose_strategy_per_backend():
+    cnn = models.build_model("cnn", 2)
+    assert sweep.choose_strategy(MODEL, 8, backend="cpu", num_devices=1) == "vmap"
+    assert sweep.choose_strategy(cnn, 8, backend="cpu", num_devices=1) == "loop"
+    assert sweep.choose_strategy(cnn, 8, backend="gpu", num_devices=1) == "vmap"
+    assert sweep.choose_strategy(cnn, 8, backend="tpu", num_devices=8) == "sharded"
+    assert sweep.choose_strategy(cnn, 1, backend="cpu", num_devices=8) == "loop"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(strategy="pmap"), "strategy"),
+        (dict(strengths=[0.1, -1.0]), "strengths"),
+        (dict(seeds=[0]), "equal length"),
+        (dict(steps=0), "steps"),
+    ],
+)
+def test_bad_sweep_arguments_raise_before_training(kwargs, match):
+    args = dict(strategy="vmap", strengths=[0.1, 0.2], seeds=[0, 1], steps=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        _train(args.pop("strategy"), args.pop("strengths"), args.pop("seeds"), steps=args.pop("steps"))
