@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -49,7 +50,7 @@ DEFAULT_STRENGTHS = {
 STRENGTH_NAMES = {"gradnorm": "lambda", "smoothness": "lambda", "noise": "noise s", "pgd": "eps (L2)", "ce": "-"}
 RESULT_COLUMNS = (
     "method", "strength", "seed", "accuracy", "bayes_accuracy", "on_change", "off_change", "off_on_ratio",
-    "grad_on_manifold_fraction", "random_fraction", "score_cosine", "bayes_cosine", "lpips_alignment",
+    "grad_on_manifold_fraction", "random_fraction", "bayes_fraction", "score_cosine", "bayes_cosine", "lpips_alignment",
     "robust_accuracy", "regime", "diverged",
 )
 
@@ -247,7 +248,8 @@ def method_curves(rows: list[dict], config: SweepConfig, method: str, num_classe
 
     curves = {c: grid(c) for c in ("on_change", "off_change", "accuracy", "bayes_cosine", "score_cosine",
                                    "grad_on_manifold_fraction", "lpips_alignment")}
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # all-NaN rows (diverged or unmeasured) are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = {c: np.nanmean(v, 1) for c, v in curves.items()}
     ok = np.isfinite(mean["on_change"]) & np.isfinite(mean["off_change"]) & np.isfinite(mean["accuracy"])
     labels = ["diverged"] * len(strengths)

@@ -10,7 +10,8 @@ against it:
   ``eps``, averaged over images and ``num_directions`` random directions, and their ratio
   at ``regime_eps``;
 * ``grad_on_manifold_fraction`` ||P g|| / ||g|| of the input-gradient of ``target``
-  (``random_fraction`` = sqrt(k/d) beside it);
+  (``random_fraction`` = sqrt(k/d) and ``bayes_fraction``, the exact Bayes gradient's at
+  ``align_noise``, beside it);
 * ``score_cosine``: cosine of that gradient with the class-conditional score
   grad log p_s(x|y) at ``align_noise``; ``bayes_cosine``: with the exact Bayes-optimal
   gradient grad log p_s(y|x) at ``align_noise`` (the theory's prediction);
@@ -80,6 +81,7 @@ class EvalSet:
     bayes_accuracy: float | None
     num_classes: int
     lpips_net: Any = None
+    bayes_fraction: float | None = None  # on-manifold fraction of the exact Bayes gradient
 
 
 def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *, manifold=None, z_test=None,
@@ -106,8 +108,11 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
         from pagjax import lpips as lpips_lib
 
         lpips_net = lpips_lib.load_lpips("alexnet")
+    bayes_frac = None
+    if bayes_maps is not None and basis is not None:
+        bayes_frac = float(jnp.mean(robustness.gradient_on_manifold_fraction(bayes_maps, basis)[0]))
     return EvalSet(jnp.asarray(x_test), jnp.asarray(y_test), x, y, basis, score_maps, bayes_maps, bayes_acc,
-                   num_classes, lpips_net)
+                   num_classes, lpips_net, bayes_frac)
 
 
 def accuracy(apply_fn, variables, x, y, batch_size: int = 1024) -> float:
@@ -133,6 +138,7 @@ def measure_model(apply_fn, variables, evalset: EvalSet, config: MeasureConfig, 
     row: dict[str, Any] = {
         "accuracy": accuracy(apply_fn, variables, evalset.x_test, evalset.y_test),
         "bayes_accuracy": evalset.bayes_accuracy,
+        "bayes_fraction": evalset.bayes_fraction,
     }
     x, y = evalset.x, evalset.y
     grads = gradients.input_gradients(apply_fn, variables, x, y, target=config.target)

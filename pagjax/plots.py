@@ -1,6 +1,7 @@
 """Figures: the paper's Figure-3 layout and grids of input-gradient images."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import matplotlib
@@ -24,7 +25,8 @@ def _plot_positions(strengths: np.ndarray) -> np.ndarray:
 
 def _band(ax, x, values, label, colour):
     """Mean line and min-max band over seeds; values: (S, seeds) with NaN for diverged."""
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # all-NaN rows (diverged points) are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean, lo, hi = np.nanmean(values, 1), np.nanmin(values, 1), np.nanmax(values, 1)
     ax.plot(x, mean, "o-", color=colour, label=label, ms=3)
     ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)

@@ -1,0 +1,149 @@
+"""End-to-end sweep: the physics the default run must show (on a smaller, faster version),
+outputs, resume after a crash, and refusing to mix settings."""
+import csv
+import json
+import os
+
+import chex
+import numpy as np
+import pytest
+
+from pagjax import experiment, sweep
+from pagjax.experiment import SettingsMismatchError, SweepConfig, run_sweep
+from pagjax.measure import MeasureConfig
+from pagjax.training import OptimizerConfig
+
+# A faster cousin of the default run: one method, three strengths, one seed, a smaller
+# MLP; the class-informative normal feature is larger (0.3) so it is learned in 600 steps.
+PHYSICS = SweepConfig(
+    methods=("noise",), strengths={"noise": (0.01, 0.3, 3.0)}, seeds=(0,),
+    dataset_kwargs={"normal_offset": 0.3}, n_train=2048, n_test=512, model="mlp:width=128", steps=600,
+    optimizer=OptimizerConfig(learning_rate=3e-3), measure=MeasureConfig(num_eval=128, num_directions=2, lpips=False),
+)
+TINY = SweepConfig(
+    methods=("noise", "gradnorm"), strengths={"noise": (0.0, 0.5), "gradnorm": (0.0, 0.1)}, seeds=(0,),
+    n_train=256, n_test=64, model="mlp:width=16", steps=30, batch_size=32, steps_per_call=10, checkpoint_every=10,
+    measure=MeasureConfig(num_eval=16, num_directions=1, lpips=False, grid_images=3),
+)
+
+
+@pytest.fixture(scope="module")
+def physics_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("physics"))
+    summaries = run_sweep(PHYSICS, out, progress=False, log=lambda s: None)
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    return out, summaries, rows
+
+
+def test_known_manifold_sweep_shows_weak_then_aligned_then_excessive(physics_run):
+    _, summaries, rows = physics_run
+    v = lambda col: np.array([float(r[col]) for r in rows])  # noqa: E731  (rows in strength order)
+    on, off, frac, cos, acc = v("on_change"), v("off_change"), v("grad_on_manifold_fraction"), v("bayes_cosine"), v("accuracy")
+    bayes_frac = v("bayes_fraction")[0]
+    # weakest: off-manifold change above on-manifold, gradient far less on-manifold than Bayes
+    assert off[0] > on[0]
+    assert frac[0] < bayes_frac - 0.2
+    # stronger: the off/on ratio falls below 1; fraction and Bayes alignment rise to a peak
+    assert np.min(off / on) < 1.0
+    assert frac.max() > frac[0] + 0.2 and cos.max() > cos[0] + 0.05
+    # strongest: accuracy and on-manifold change collapse
+    assert acc[-1] < 0.6 * acc.max() and on[-1] < 0.5 * on.max()
+    assert [r["regime"] for r in rows] == ["weak", "bayes_aligned", "excessive"]
+    s = summaries[0]
+    assert s["crossover"] is not None and 0.01 < s["crossover"] < 0.3
+    assert s["peak_at"] == 0.3
+
+
+def test_outputs_are_complete(physics_run):
+    out, _, rows = physics_run
+    for name in ("config.json", "results.csv", "regimes.json", "summary.json", "figure3.png", "gradients_noise.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert set(experiment.RESULT_COLUMNS) <= set(rows[0])
+    assert rows[0]["lpips_alignment"] == "" and rows[0]["diverged"] == "false"
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["settings"]["strengths"] == {"noise": [0.01, 0.3, 3.0]} and "jax" in cfg["versions"]
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # atomic writes left no temp files
+
+
+def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
+    out = str(tmp_path)
+    run_sweep(TINY, out, progress=False, log=lambda s: None)
+    logs = []
+    run_sweep(TINY, out, progress=False, log=logs.append)
+    assert "noise: already finished, skipped" in logs
+    changed = SweepConfig(**{**TINY.__dict__, "steps": 40})
+    with pytest.raises(SettingsMismatchError, match="steps"):
+        run_sweep(changed, out, progress=False, log=lambda s: None)
+    # execution details are not settings
+    run_sweep(SweepConfig(**{**TINY.__dict__, "strategy": "loop"}), out, progress=False, log=lambda s: None)
+    run_sweep(changed, out, overwrite=True, progress=False, log=lambda s: None)
+    assert json.load(open(os.path.join(out, "config.json")))["settings"]["steps"] == 40
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    data = experiment.load_data(TINY)
+    full = experiment.train_method(TINY, "noise", data, str(tmp_path / "full"))
+
+    def crash_after_20(p):
+        if p.step >= 20:
+            raise Crash()
+
+    out = str(tmp_path / "crashed")
+    with pytest.raises(Crash):
+        experiment.train_method(TINY, "noise", data, out, progress=crash_after_20)
+    steps_seen = []
+    resumed = experiment.train_method(TINY, "noise", data, out, progress=lambda p: steps_seen.append(p.step))
+    assert steps_seen == [30]  # only the chunk after the checkpoint at step 20 was trained again
+    chex.assert_trees_all_close(resumed.train.params, full.train.params, rtol=1e-5, atol=1e-6)
+
+
+def test_diverged_models_are_recorded_not_fatal(tmp_path):
+    cfg = SweepConfig(**{**TINY.__dict__, "methods": ("noise",), "strengths": {"noise": (0.1, 1e38)}})
+    run_sweep(cfg, str(tmp_path), progress=False, log=lambda s: None)
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["diverged"] for r in rows] == ["false", "true"]
+    assert rows[1]["accuracy"] == "" and rows[1]["regime"] == "diverged"
+    assert rows[0]["accuracy"] != ""
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(methods=("adv",)), "method"),
+        (dict(strengths={"noise": (0.5, 0.1), "gradnorm": (0.0,)}), "increasing"),
+        (dict(strengths={"noise": (-1.0,), "gradnorm": (0.0,)}), "strengths"),
+        (dict(seeds=(0, 0)), "seeds"),
+        (dict(dataset="cifar11"), "dataset"),
+        (dict(model="transformer"), "model name"),
+        (dict(measure=MeasureConfig(eps=(1.0,), regime_eps=2.0)), "regime_eps"),
+        (dict(strategy="gpu"), "strategy"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        run_sweep(SweepConfig(**{**TINY.__dict__, **change}), str(tmp_path), progress=False)
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_cli_help_and_bad_flags(capsys):
+    from experiments import sweep_eps
+
+    with pytest.raises(SystemExit) as e:
+        sweep_eps.parse_args(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--methods", "--strengths", "--log-range", "--seeds", "--model", "--steps", "--official", "--out"):
+        assert flag in help_text
+    assert sweep_eps.main(["--methods", "noise", "--strengths", "1,0.1", "--no-progress"]) == 2
+    assert "increasing" in capsys.readouterr().err
+    cfg = sweep_eps.config_from_args(sweep_eps.parse_args(["--methods", "pgd", "--log-range", "0.01,1,3"]))
+    np.testing.assert_allclose(cfg.strengths["pgd"], [0.01, 0.1, 1.0])
+
+
+def test_execution_details_are_not_settings():
+    assert not set(experiment.EXECUTION_FIELDS) & set(TINY.settings())
