@@ -282,9 +282,10 @@ class CurvedManifold(KnownManifold):
         """grad_x log p_s(y | x) = (E[g|x,y] - E[g|x]) / sigma^2 (the -x terms cancel exactly)."""
         xf, sigma2, log_lik, means = self._batched(x, s)
         post = jax.nn.softmax(log_lik, axis=-1)
-        m_y = jnp.take_along_axis(means, y[:, None, None], axis=1)[:, 0]
-        m_bar = jnp.einsum("nc,ncd->nd", post, means)
-        return self._unflat((m_y - m_bar) / sigma2, x)
+        m_y = jnp.take_along_axis(means, y[:, None, None], axis=1)             # (n, 1, d)
+        # sum_y' p(y'|x) (E[g|x,y] - E[g|x,y']): no cancellation for confident posteriors
+        diff = jnp.einsum("nc,ncd->nd", post, m_y - means)
+        return self._unflat(diff / sigma2, x)
 
     def posterior_mean(self, x: Array, s) -> Array:
         """E[x0 | x] = E[g|x] + (observation_noise^2 / sigma^2) (x - E[g|x])."""

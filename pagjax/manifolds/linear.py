@@ -216,20 +216,20 @@ class LinearManifold(KnownManifold):
 
         Computed as a difference of *means*, not of scores, so the class-independent pull
         towards the subspace cancels exactly:
-        U (m_y - sum_y' p(y'|x) m_y') / (component_std^2 + s^2)
-        + normal_offset (v_y - sum_y' p(y'|x) v_y') / (normal_noise^2 + s^2),
+        U sum_y' p(y'|x) (m_y - m_y') / (component_std^2 + s^2)
+        + normal_offset sum_y' p(y'|x) (v_y - v_y') / (normal_noise^2 + s^2),
         with m_y = E[mu_yj | x, y]. With normal_offset = 0 the normal part is exactly 0.
         """
         xf, t, r, var_t, tau2, normal_on, _, mean_mu, log_post = self._class_means_and_posterior(x, s)
         post = jnp.exp(log_post)                                    # (n, C)
-        m_y = jnp.take_along_axis(mean_mu, y[:, None, None], axis=1)[:, 0]       # (n, k)
-        m_bar = jnp.einsum("nc,nck->nk", post, mean_mu)
-        grad = ((m_y - m_bar) / var_t) @ self.basis.T
+        # sum_y' p(y'|x) (m_y - m_y'): no cancellation, so a confident posterior still gives
+        # the (tiny) exact gradient instead of rounding to 0.
+        m_y = jnp.take_along_axis(mean_mu, y[:, None, None], axis=1)             # (n, 1, k)
+        grad = jnp.einsum("nc,nck->nk", post, m_y - mean_mu) / var_t @ self.basis.T
         if self.normal_offset > 0:
-            v_y = self.normal_directions[y]
-            v_bar = post @ self.normal_directions
-            normal = self.normal_offset * (v_y - v_bar) / tau2
-            grad = grad + jnp.where(normal_on, normal, 0.0)
+            v_y = self.normal_directions[y]                                       # (n, d)
+            normal = jnp.einsum("nc,ncd->nd", post, v_y[:, None, :] - self.normal_directions[None])
+            grad = grad + jnp.where(normal_on, self.normal_offset * normal / tau2, 0.0)
         return self._unflat(grad, x)
 
     @jit_method
