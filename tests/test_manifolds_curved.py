@@ -20,7 +20,7 @@ def manifold():
 
 @pytest.fixture(scope="module")
 def fine():
-    return make_curved_manifold(grid_size=40, refine_size=14, refine_cells=3, batch_size=16)
+    return make_curved_manifold(grid_size=36, refine_size=12, refine_cells=3, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,12 @@ def tangent_fraction(g, basis):
 
 
 def test_samples_shapes_determinism_and_classes(manifold):
-    a = manifold.sample(jax.random.PRNGKey(3), 2048)
-    b = manifold.sample(jax.random.PRNGKey(3), 2048)
-    assert a.x.shape == (2048, 16, 16, 1) and a.x.dtype == jnp.float32
-    assert a.y.dtype == jnp.int32 and a.z.shape == (2048, 3)
+    a = manifold.sample(jax.random.PRNGKey(3), 1024)
+    b = manifold.sample(jax.random.PRNGKey(3), 1024)
+    assert a.x.shape == (1024, 16, 16, 1) and a.x.dtype == jnp.float32
+    assert a.y.dtype == jnp.int32 and a.z.shape == (1024, 3)
     np.testing.assert_array_equal(a.x, b.x)
-    assert not np.allclose(manifold.sample(jax.random.PRNGKey(4), 2048).x, a.x)
+    assert not np.allclose(manifold.sample(jax.random.PRNGKey(4), 1024).x, a.x)
     assert float(jnp.max(jnp.abs(a.z))) <= 1.0
     # class = bend category: mean bend increases with the class index
     bends = [float(jnp.mean(a.z[a.y == c, 2])) for c in range(4)]
@@ -79,7 +79,7 @@ def test_tangent_basis_orthonormal_and_contains_finite_differences(manifold, dat
     assert float(jnp.min(overlap)) < 0.9
 
 
-@pytest.mark.parametrize("s", [0.0, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("s", [0.0, 0.3, 1.0])
 def test_posterior_normalised_and_matches_much_finer_integral(manifold, fine, data, s):
     x = noisy(data, s)
     lp = manifold.log_posterior(x, s)
