@@ -1,0 +1,399 @@
+"""Real-image datasets: tfds loaders that never hang offline, and offline digits.
+
+* ``digits``: scikit-learn's 1797 handwritten 8x8 digits (Alpaydin & Kaynak, UCI
+  "Optical Recognition of Handwritten Digits", values 0..16), shipped with scikit-learn,
+  so it works on every machine without network. Optionally upsampled (bilinear).
+* ``mnist``, ``fashion_mnist``, ``cifar10``: read from prepared ``tensorflow-datasets``
+  data (array_record format) with `tfds.data_source` (no TensorFlow needed), as NHWC
+  float32 arrays in [0, 1].
+* ``imagenet64``: ``imagenet_resized/64x64`` (1000 classes, 1.28M images), too large
+  for memory: `stream_batches` reads it batch by batch, shuffled deterministically from
+  a seed and resumable at any step, each batch optionally sharded over a device mesh.
+
+Nothing is downloaded unless ``download=True``. Without prepared data the loaders raise
+`DatasetUnavailableError` (a `ValueError`) within milliseconds, with the command that
+prepares the data (``python -m pagjax.data download NAME --data-dir DIR`` on a machine
+with network). `tfds.load` is never used: offline it retries for minutes, and it needs
+TensorFlow.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from pagjax import validation
+
+OFFLINE_DATASETS = ("digits",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How a dataset name maps to tfds: builder name, splits, example shape, classes."""
+
+    tfds_name: str
+    shape: tuple[int, int, int]
+    num_classes: int
+    train_split: str = "train"
+    test_split: str = "test"
+    streaming: bool = False  # too large to hold in memory: use `stream_batches`
+
+
+TFDS_DATASETS = {
+    "mnist": DatasetSpec("mnist", (28, 28, 1), 10),
+    "fashion_mnist": DatasetSpec("fashion_mnist", (28, 28, 1), 10),
+    "cifar10": DatasetSpec("cifar10", (32, 32, 3), 10),
+    "imagenet64": DatasetSpec("imagenet_resized/64x64", (64, 64, 3), 1000, test_split="validation", streaming=True),
+}
+DIGITS_CLASSES = 10
+DIGITS_TEST = 297  # 1797 = 1500 train + 297 test
+
+
+class DatasetUnavailableError(ValueError):
+    """The dataset is not prepared locally and downloading was not asked for."""
+
+
+@dataclasses.dataclass
+class ImageData:
+    """Train and test images (NHWC float32 in [0, 1]) with int32 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    name: str
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Every real-image dataset name accepted by `load_splits` and the sweep."""
+    return OFFLINE_DATASETS + tuple(TFDS_DATASETS)
+
+
+def is_real_dataset(name: str) -> bool:
+    """Whether `name` is a real-image dataset (as opposed to a built-in known manifold)."""
+    return name in dataset_names()
+
+
+def num_classes_of(name: str) -> int:
+    """Number of classes of a real dataset."""
+    validation.check_choice("dataset", name, dataset_names())
+    return DIGITS_CLASSES if name == "digits" else TFDS_DATASETS[name].num_classes
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_image_size(image_size) -> None:
+    if image_size is not None:
+        validation.check_positive_int("image_size", image_size)
+
+
+def resize_images(x: np.ndarray, image_size: int | None) -> np.ndarray:
+    """Bilinear resize of NHWC images to image_size x image_size (None: unchanged), clipped to [0, 1]."""
+    _check_image_size(image_size)
+    x = np.asarray(x, np.float32)
+    if image_size is None or x.shape[1:3] == (image_size, image_size):
+        return x
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[3]), "linear")
+    return np.clip(np.asarray(out), 0.0, 1.0)
+
+
+def _subset(n_total: int, n: int | None, seed: int, salt: int) -> np.ndarray:
+    """Deterministic random subset (sorted indices) of size min(n, n_total)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    perm = np.random.default_rng([seed, salt]).permutation(n_total)
+    return np.sort(perm[:n])
+
+
+# --------------------------------------------------------------------------- offline digits
+
+
+def digits(*, image_size: int | None = None, seed: int = 0, n_test: int = DIGITS_TEST) -> ImageData:
+    """scikit-learn's 8x8 handwritten digits as NHWC float32 in [0, 1], always available.
+
+    The 1797 images are split deterministically (a permutation from `seed`) into
+    1797 - n_test training and n_test test images; ``image_size`` upsamples bilinearly
+    (e.g. 16 or 28).
+    """
+    _check_image_size(image_size)
+    validation.check_positive_int("n_test", n_test)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (np.asarray(d.images, np.float32) / 16.0)[..., None]
+    y = np.asarray(d.target, np.int32)
+    if n_test >= x.shape[0]:
+        raise ValueError(f"n_test must be below the {x.shape[0]} digits, got {n_test}")
+    perm = np.random.default_rng(seed).permutation(x.shape[0])
+    test, train = perm[:n_test], perm[n_test:]
+    x = resize_images(x, image_size)
+    return ImageData(x[train], y[train], x[test], y[test], DIGITS_CLASSES, "digits")
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def _how_to_get(name: str, data_dir: str | None) -> str:
+    d = data_dir or "~/tensorflow_datasets"
+    spec = TFDS_DATASETS[name]
+    return (f"On a machine with network run `python -m pagjax.data download {name} --data-dir {d}` "
+            f"(or `tfds build {spec.tfds_name} --data_dir {d} --file_format array_record`), copy {d} here "
+            f"and pass data_dir (--data-dir), or pass download=True (--download) to download now. "
+            f"The offline dataset 'digits' always works.")
+
+
+def _builder(name: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+
+    return tfds.builder(TFDS_DATASETS[name].tfds_name, data_dir=data_dir)
+
+
+def check_available(name: str, *, data_dir: str | None = None, download: bool = False) -> None:
+    """Raise `DatasetUnavailableError` (fast, no network) unless `name` can be read.
+
+    ``digits`` is always available. A tfds dataset must be prepared under `data_dir`
+    (default: tfds's, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), unless
+    ``download`` is True.
+    """
+    validation.check_choice("dataset", name, dataset_names())
+    if name in OFFLINE_DATASETS or download:
+        return
+    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise DatasetUnavailableError(f"data_dir {data_dir!r} does not exist. {_how_to_get(name, data_dir)}")
+    builder = _builder(name, None if data_dir is None else os.path.expanduser(data_dir))
+    if not builder.is_prepared():
+        raise DatasetUnavailableError(
+            f"dataset {name!r} ({TFDS_DATASETS[name].tfds_name}) is not prepared in {builder.data_dir}. "
+            f"{_how_to_get(name, data_dir)}")
+
+
+def open_source(name: str, split: str, *, data_dir: str | None = None, download: bool = False):
+    """A random-access source (``len``, ``source[i] -> {'image', 'label'}``) of a tfds split.
+
+    Checks availability first (`check_available`), so it never waits on the network
+    unless ``download`` is True.
+    """
+    check_available(name, data_dir=data_dir, download=download)
+    return _tfds_source(name, split, data_dir, download)
+
+
+def _tfds_source(name, split, data_dir, download):
+    import tensorflow_datasets as tfds
+
+    spec = TFDS_DATASETS[name]
+    try:
+        if download:
+            builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
+            builder.download_and_prepare()
+        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+    except NotImplementedError as err:  # prepared as tfrecord: not readable without TensorFlow
+        raise DatasetUnavailableError(
+            f"dataset {name!r} is prepared in a format other than array_record ({err}). Rebuild it with "
+            f"`tfds build {spec.tfds_name} --file_format array_record`. {_how_to_get(name, data_dir)}") from None
+
+
+def _read(source, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images and labels of `indices` from a random-access source."""
+    indices = [int(i) for i in indices]
+    getitems = getattr(source, "__getitems__", None)
+    examples = getitems(indices) if getitems is not None else [source[i] for i in indices]
+    images = [np.asarray(e["image"]) for e in examples]
+    labels = np.asarray([int(e.get("label", -1)) for e in examples], np.int32)
+    return images, labels
+
+
+def _to_float(images: list, shape: tuple[int, int, int], image_size: int | None) -> np.ndarray:
+    """Stack uint8 images as float32 [0, 1]; images of another size (e.g. mock data) are resized."""
+    size = image_size or shape[0]
+    out = []
+    for im in images:
+        im = np.asarray(im, np.float32) / 255.0
+        if im.ndim == 2:
+            im = im[..., None]
+        out.append(resize_images(im[None], size)[0] if im.shape[:2] != (size, size) else im)
+    return np.stack(out).astype(np.float32) if out else np.zeros((0, size, size, shape[2]), np.float32)
+
+
+def load_dataset(name: str, *, split: str = "train", data_dir: str | None = None, download: bool = False,
+                 image_size: int | None = None, max_examples: int | None = None, seed: int = 0,
+                 source=None) -> tuple[np.ndarray, np.ndarray]:
+    """One split of a real dataset as (images NHWC float32 in [0, 1], labels int32).
+
+    Args:
+      name: one of `dataset_names()` (``imagenet64`` only with `max_examples`; use
+        `stream_batches` for the whole of it).
+      split: ``"train"`` or ``"test"`` (mapped to the dataset's own split names), or a
+        tfds split string such as ``"train[:10%]"``.
+      data_dir: tfds data directory holding the prepared data (default: tfds's).
+      download: download and prepare the data if missing (needs network).
+      image_size: resize to image_size x image_size (bilinear); None keeps the size.
+      max_examples: read a deterministic random subset (from `seed`) of this size.
+      source: a random-access source to read instead of tfds (tests, custom data).
+
+    Raises:
+      DatasetUnavailableError: the data are not prepared and ``download`` is False.
+    """
+    validation.check_choice("dataset", name, dataset_names())
+    _check_image_size(image_size)
+    if max_examples is not None:
+        validation.check_positive_int("max_examples", max_examples)
+    if name == "digits":
+        validation.check_choice("split", split, ("train", "test"))
+        d = digits(image_size=image_size, seed=seed)
+        x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+        idx = _subset(x.shape[0], max_examples, seed, 1)
+        return x[idx], y[idx]
+    spec = TFDS_DATASETS[name]
+    tfds_split = {"train": spec.train_split, "test": spec.test_split}.get(split, split)
+    if source is None:
+        if spec.streaming and max_examples is None:
+            raise ValueError(f"dataset {name!r} does not fit in memory: pass max_examples, or use stream_batches")
+        source = open_source(name, tfds_split, data_dir=data_dir, download=download)
+    idx = _subset(len(source), max_examples, seed, 1 if split == "train" else 2)
+    images, labels = _read(source, idx)
+    return _to_float(images, spec.shape, image_size), labels
+
+
+def load_splits(name: str, *, n_train: int | None = None, n_test: int | None = None, data_dir: str | None = None,
+                download: bool = False, image_size: int | None = None, seed: int = 0) -> ImageData:
+    """Train and test splits of a real dataset (each at most n_train / n_test images)."""
+    check_available(name, data_dir=data_dir, download=download)
+    kw = dict(data_dir=data_dir, download=download, image_size=image_size, seed=seed)
+    x_tr, y_tr = load_dataset(name, split="train", max_examples=n_train, **kw)
+    x_te, y_te = load_dataset(name, split="test", max_examples=n_test, **kw)
+    return ImageData(x_tr, y_tr, x_te, y_te, num_classes_of(name), name)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class ArraySource:
+    """A random-access source over in-memory arrays (uint8 or float images, labels)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        """Wrap `images` (N, H, W, C) and `labels` (N,)."""
+        if len(images) != len(labels):
+            raise ValueError(f"images and labels must have equal length, got {len(images)} and {len(labels)}")
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of `epoch`: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices_at(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of global batch `step` (remainder of each epoch dropped): pure in (seed, step)."""
+    per_epoch = num_examples // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples")
+    epoch, offset = divmod(step, per_epoch)
+    return epoch_order(num_examples, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+
+def stream_batches(name: str, *, batch_size: int, seed: int = 0, split: str = "train", data_dir: str | None = None,
+                   download: bool = False, image_size: int | None = None, start_step: int = 0,
+                   num_steps: int | None = None, mesh=None, source=None) -> Iterator[tuple]:
+    """Yield (images, labels) batches of a real dataset, shuffled deterministically.
+
+    Batch ``step`` holds the examples `batch_indices_at(n, batch_size, seed, step)`:
+    each epoch is a fresh permutation from (seed, epoch), so a run resumed at
+    ``start_step`` sees exactly the batches an uninterrupted one would. With a `mesh`
+    (`pagjax.devices.make_mesh`) every batch is placed with its leading axis split over
+    the mesh's devices (``batch_size`` must be divisible by their number); on several
+    hosts each process reads only its own rows and the global array is assembled with
+    `jax.make_array_from_process_local_data`. Without a mesh, numpy arrays are yielded.
+    """
+    validation.check_positive_int("batch_size", batch_size)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if num_steps is not None:
+        validation.check_positive_int("num_steps", num_steps)
+    _check_image_size(image_size)
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {mesh.size} devices of the mesh")
+    if source is None:
+        if name == "digits":
+            d = digits(image_size=image_size, seed=seed)
+            x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+            source = ArraySource(np.round(x * 255).astype(np.uint8), y)
+        else:
+            validation.check_choice("dataset", name, dataset_names())
+            spec = TFDS_DATASETS[name]
+            source = open_source(name, {"train": spec.train_split, "test": spec.test_split}.get(split, split),
+                                 data_dir=data_dir, download=download)
+    shape = TFDS_DATASETS[name].shape if name in TFDS_DATASETS else (8, 8, 1)
+    n = len(source)
+    step = start_step
+    while num_steps is None or step < start_step + num_steps:
+        idx = batch_indices_at(n, batch_size, seed, step)
+        if mesh is not None:
+            import jax
+
+            pc, pi = jax.process_count(), jax.process_index()
+            if pc > 1:  # each host reads its contiguous share of the global batch
+                per = batch_size // pc
+                local = idx[pi * per:(pi + 1) * per]
+                images, labels = _read(source, local)
+                xb = _to_float(images, shape, image_size)
+                from jax.sharding import NamedSharding, PartitionSpec as P
+
+                sh = NamedSharding(mesh, P(mesh.axis_names[0]))
+                yield (jax.make_array_from_process_local_data(sh, xb),
+                       jax.make_array_from_process_local_data(sh, labels))
+                step += 1
+                continue
+        images, labels = _read(source, idx)
+        xb = _to_float(images, shape, image_size)
+        if mesh is not None:
+            from pagjax import devices
+
+            xb, labels = devices.shard_leading(mesh, (xb, labels))
+        yield xb, labels
+        step += 1
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    """``python -m pagjax.data download NAME --data-dir DIR``: prepare a tfds dataset (needs network)."""
+    p = argparse.ArgumentParser(description="Prepare real-image datasets for pagjax (array_record, no TensorFlow needed to read).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    dl = sub.add_parser("download", help="download and prepare a tfds dataset (needs network)")
+    dl.add_argument("name", choices=list(TFDS_DATASETS))
+    dl.add_argument("--data-dir", default=None, help="tfds data directory (default: tfds's)")
+    chk = sub.add_parser("check", help="say whether a dataset is prepared (no network)")
+    chk.add_argument("name", choices=list(dataset_names()))
+    chk.add_argument("--data-dir", default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "download":
+        _tfds_source(args.name, TFDS_DATASETS[args.name].test_split, args.data_dir, True)
+        print(f"{args.name}: prepared in {_builder(args.name, args.data_dir).data_dir}")
+        return 0
+    try:
+        check_available(args.name, data_dir=args.data_dir)
+    except DatasetUnavailableError as e:
+        print(f"{args.name}: not available: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: available")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
