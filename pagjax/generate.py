@@ -447,3 +447,116 @@ def make_inpainter(
                     jnp.asarray(init_noise, observed.dtype))
 
     return inpaint
+
+
+# --------------------------------------------------------------------------- measures on known manifolds
+
+def _normal_norm(v: Array, basis) -> Array:
+    from pagjax.geometry import project_normal
+
+    return per_example_norm(project_normal(v, basis))
+
+
+def _mean(v) -> float:
+    return float(np.mean(np.asarray(v, np.float64)))
+
+
+def _ratio(num: Array, den: Array) -> Array:
+    return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0)
+
+
+def data_subspace_basis(manifold) -> Array | None:
+    """Orthonormal basis (d, k') of the directions a linear manifold's data vary along: the
+    tangent basis U, plus the class offset directions v_y when ``normal_offset > 0`` (the data
+    are center + U t + normal_offset v_y + small isotropic noise). None for other manifolds."""
+    basis = getattr(manifold, "basis", None)
+    if basis is None:
+        return None
+    if getattr(manifold, "normal_offset", 0.0) > 0:
+        return jnp.concatenate([basis, jnp.asarray(manifold.normal_directions).T], axis=1)
+    return basis
+
+
+def measure_generation(result: AscentResult, targets: Array, *, manifold=None, bayes_noise: float = 0.3,
+                       model_logits: Array | None = None, basis=None) -> dict:
+    """Summary of a generation run (means over the batch).
+
+    * ``move``: ||x_T - x_0||; ``logprob_gain``: the target log-probability's increase;
+    * ``model_success``: fraction whose model prediction is the target (``model_logits`` at x_T);
+    * with a known ``manifold``: ``bayes_target_acc`` (the Bayes-optimal classifier at
+      ``bayes_noise`` predicts the target) and ``bayes_target_prob``;
+    * with a linear manifold (a global basis and ``center``): ``move_normal_fraction``
+      ||P_perp (x_T - x_0)|| / ||x_T - x_0|| (0 for a move within the data's directions)
+      and ``normal_ratio`` ||P_perp (x_T - c)|| / ||P_perp (x_0 - c)|| (the distance from the
+      data's subspace at the end relative to the start). P_perp is taken against ``basis``,
+      by default `data_subspace_basis` (U, plus the class offset directions if any).
+    """
+    x, x0 = result.x, result.start
+    move = x - x0
+    out = {"move": _mean(per_example_norm(move)),
+           "logprob_gain": _mean(result.logprob[-1] - result.logprob[0])}
+    if model_logits is not None:
+        out["model_success"] = _mean(jnp.argmax(model_logits, -1) == targets)
+    if manifold is not None:
+        log_post = manifold.log_posterior(x, bayes_noise)
+        out["bayes_target_acc"] = _mean(jnp.argmax(log_post, -1) == targets)
+        out["bayes_target_prob"] = _mean(jnp.exp(jnp.take_along_axis(log_post, targets[:, None], -1)))
+        basis = data_subspace_basis(manifold) if basis is None else basis
+        center = getattr(manifold, "center", None)
+        if basis is not None and center is not None:
+            c = jnp.reshape(center, (1, *x.shape[1:]))
+            out["move_normal_fraction"] = _mean(_ratio(_normal_norm(move, basis), per_example_norm(move)))
+            out["normal_ratio"] = _mean(_ratio(_normal_norm(x - c, basis), _normal_norm(x0 - c, basis)))
+    return out
+
+
+def measure_denoising(result: AscentResult, clean: Array, noisy: Array, noise_level, *, manifold=None) -> dict:
+    """Per-pixel mean squared errors against the clean images: ``mse`` (the output),
+    ``mse_noisy`` (the input) and, on a known manifold, ``mse_tweedie`` (the Bayes-optimal
+    denoiser E[x0|x] at ``noise_level``); with a linear manifold also the norms of the
+    on-manifold (tangent) part of each error, ``tangent_err``, ``tangent_err_noisy``,
+    ``tangent_err_tweedie`` (the part a classifier's gradient can fix: the pull back onto
+    the manifold cancels in grad log p(y|x))."""
+    from pagjax.geometry import project_tangent
+
+    mse = lambda a: _mean(jnp.mean(jnp.square(a - clean), axis=tuple(range(1, a.ndim))))  # noqa: E731
+    out = {"mse": mse(result.x), "mse_noisy": mse(noisy)}
+    tweedie = None
+    if manifold is not None:
+        tweedie = manifold.posterior_mean(noisy, noise_level)
+        out["mse_tweedie"] = mse(tweedie)
+    basis = getattr(manifold, "basis", None)
+    if basis is not None:
+        terr = lambda a: _mean(per_example_norm(project_tangent(a - clean, basis)))  # noqa: E731
+        out.update(tangent_err=terr(result.x), tangent_err_noisy=terr(noisy), tangent_err_tweedie=terr(tweedie))
+    return out
+
+
+def subspace_inpainting(observed: Array, mask: Array, basis: Array, center: Array) -> Array:
+    """Reference in-painting for a linear manifold: the least-squares fit center + U t to
+    the observed pixels, used for the missing ones (uses the true subspace; an oracle)."""
+    b = observed.shape[0]
+    flat_obs = jnp.reshape(observed, (b, -1))
+    keep = jnp.reshape(jnp.broadcast_to(~jnp.asarray(mask, bool), observed.shape), (b, -1)).astype(observed.dtype)
+
+    def one(xo, k):
+        a = basis * k[:, None]
+        t, *_ = jnp.linalg.lstsq(a, (xo - center) * k)
+        return center + basis @ t
+
+    fit = jnp.reshape(jax.vmap(one)(flat_obs, keep), observed.shape)
+    return jnp.where(mask, fit, observed)
+
+
+def measure_inpainting(result: AscentResult, clean: Array, mask: Array, *, manifold=None) -> dict:
+    """Mean squared error on the masked pixels only: ``mse`` (the output), ``mse_fill`` (the
+    start) and, for a linear manifold, ``mse_subspace`` (`subspace_inpainting`, an oracle)."""
+    m = jnp.broadcast_to(jnp.asarray(mask, bool), clean.shape)
+    count = jnp.maximum(jnp.sum(m, axis=tuple(range(1, clean.ndim))), 1)
+    err = lambda a: _mean(jnp.sum(jnp.where(m, jnp.square(a - clean), 0.0), axis=tuple(range(1, clean.ndim))) / count)  # noqa: E731
+    out = {"mse": err(result.x), "mse_fill": err(result.start)}
+    basis, center = getattr(manifold, "basis", None), getattr(manifold, "center", None)
+    if basis is not None and center is not None:
+        observed = jnp.where(m, 0.0, clean)
+        out["mse_subspace"] = err(subspace_inpainting(observed, m, basis, center))
+    return out
