@@ -3,6 +3,8 @@
     python -m experiments.sweep_eps                      # default: built-in data, 4 methods
     python -m experiments.sweep_eps --methods noise --strengths 0,0.1,1 --seeds 0
     python -m experiments.sweep_eps --log-range 1e-3,10,7 --methods gradnorm
+    python -m experiments.sweep_eps --dataset digits     # real images, offline (learned geometry)
+    python -m experiments.sweep_eps --dataset cifar10 --data-dir ~/tensorflow_datasets --model resnet18
 
 The default run trains 4 methods x 6 strengths x 2 seeds = 48 MLPs on the built-in
 linear known-manifold data (no download) and should show, for every method, the weak ->
@@ -11,7 +13,6 @@ Bayes-aligned -> excessive sequence (README, "The main job").
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import numpy as np
@@ -30,10 +31,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strengths", default=None, help="comma-separated strengths for every chosen method (default: per-method grids)")
     p.add_argument("--log-range", default=None, help="LOW,HIGH,N: N log-spaced strengths for every chosen method")
     p.add_argument("--seeds", default="0,1", help="comma-separated integer seeds")
-    p.add_argument("--dataset", default="linear_default", help="built-in dataset name (see pagjax.manifolds.manifold_names)")
+    p.add_argument("--dataset", default="linear_default",
+                   help="built-in known manifold (pagjax.manifolds.manifold_names) or real dataset: digits (offline), "
+                        "mnist, fashion_mnist, cifar10, imagenet64 (prepared tfds data)")
+    p.add_argument("--data-dir", default=None, help="real data: tensorflow-datasets data directory holding the prepared data")
+    p.add_argument("--download", action="store_true", help="real data: download and prepare it if missing (needs network)")
+    p.add_argument("--image-size", type=int, default=None, help="real data: resize images to this size (e.g. 16 for digits)")
+    p.add_argument("--n-train", type=int, default=None, help="training examples (default: 8192; real data: at most this many)")
+    p.add_argument("--n-test", type=int, default=None, help="test examples (default: 1024)")
+    p.add_argument("--augment", default="none", help="none or crop_flip (the paper's random crop with pad 4 + flip)")
+    p.add_argument("--ae-latent", type=int, default=None, help="real data: autoencoder latents = tangent dimension (default 8 for digits, else 128)")
+    p.add_argument("--ae-steps", type=int, default=2000, help="real data: autoencoder training steps")
+    p.add_argument("--denoiser-steps", type=int, default=2000, help="real data: denoiser (learned score) training steps")
     p.add_argument("--normal-offset", type=float, default=0.2, help="size of the class-informative off-manifold feature of the linear data")
     p.add_argument("--model", default="mlp:width=256", help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per model")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; digits: 600)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate")
     p.add_argument("--optimizer", default="adam", help="adam or sgd (sgd: the paper's momentum 0.9 and piecewise schedule)")
@@ -51,9 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace):
-    from pagjax.experiment import DEFAULT_STRENGTHS, SweepConfig
+    from pagjax import data as data_lib
+    from pagjax.experiment import DEFAULT_STRENGTHS, REAL_DEFAULT_STRENGTHS, LearnedConfig, SweepConfig
     from pagjax.measure import MeasureConfig
     from pagjax.training import OptimizerConfig
+
+    real = data_lib.is_real_dataset(args.dataset)
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.strengths and args.log_range:
@@ -65,16 +80,31 @@ def config_from_args(args: argparse.Namespace):
     elif args.strengths:
         strengths = {m: _floats(args.strengths) for m in methods}
     else:
-        strengths = {m: DEFAULT_STRENGTHS.get(m, (0.0,)) for m in methods}
+        defaults = REAL_DEFAULT_STRENGTHS if real else DEFAULT_STRENGTHS
+        strengths = {m: defaults.get(m, (0.0,)) for m in methods}
     optimizer = (OptimizerConfig(name="adam", learning_rate=args.lr) if args.optimizer == "adam"
                  else OptimizerConfig(name=args.optimizer, learning_rate=args.lr, momentum=0.9, weight_decay=5e-4,
                                       schedule="piecewise"))
     measure = MeasureConfig(eps=_floats(args.eps), regime_eps=args.regime_eps, align_noise=args.align_noise,
                             lpips=not args.no_lpips, pgd_eps=args.robust_eps)
+    steps = args.steps if args.steps is not None else (600 if args.dataset == "digits" else 1000)
+    extra = {}
+    if real:
+        latent = args.ae_latent if args.ae_latent is not None else (8 if args.dataset == "digits" else 128)
+        conv = args.dataset != "digits"
+        extra = dict(dataset_kwargs={}, image_size=args.image_size, data_dir=args.data_dir, download=args.download,
+                     learned=LearnedConfig(ae_latent=latent, ae_steps=args.ae_steps, den_steps=args.denoiser_steps,
+                                           ae_arch="conv" if conv else "mlp", den_arch="conv" if conv else "mlp"))
+    else:
+        extra = dict(dataset_kwargs={"normal_offset": args.normal_offset})
+    if args.n_train is not None:
+        extra["n_train"] = args.n_train
+    if args.n_test is not None:
+        extra["n_test"] = args.n_test
     return SweepConfig(methods=methods, strengths=strengths, seeds=tuple(int(s) for s in args.seeds.split(",")),
-                       dataset=args.dataset, dataset_kwargs={"normal_offset": args.normal_offset}, model=args.model,
-                       steps=args.steps, batch_size=args.batch_size, optimizer=optimizer, official=args.official,
-                       pgd_steps=args.pgd_steps, measure=measure, strategy=args.strategy)
+                       dataset=args.dataset, model=args.model, steps=steps, batch_size=args.batch_size,
+                       optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps, measure=measure,
+                       strategy=args.strategy, augment=args.augment, **extra)
 
 
 def main(argv=None) -> int:

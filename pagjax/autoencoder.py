@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from pagjax import io as io_lib
 from pagjax import geometry, validation
 
 Array = jax.Array
@@ -267,8 +267,7 @@ def save_autoencoder(path: str, ae: TrainedAutoencoder, *, extra: dict | None = 
     ckptr.wait_until_finished()
     record = {"model": _config(ae.model), "final_loss": float(ae.losses[-1]) if len(ae.losses) else None,
               "steps": int(len(ae.losses)), "extra": extra or {}}
-    geometry._atomic_write(os.path.join(path, "config.json"),
-                           lambda f: f.write(json.dumps(record, indent=2, sort_keys=True)), mode="w")
+    io_lib.write_json(os.path.join(path, "config.json"), record)
 
 
 def load_autoencoder(path: str) -> TrainedAutoencoder:

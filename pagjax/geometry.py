@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pagjax import io as io_lib
 from pagjax import validation
 
 Array = jax.Array
@@ -364,22 +364,6 @@ def _canonical_settings(settings: dict) -> str:
         raise ValueError(f"settings must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from None
 
 
-def _atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_tangent_basis(path: str, tb: TangentBasis, settings: dict) -> None:
     """Write ``tb`` and its ``settings`` to ``path`` (.npz) and ``path + '.json'``, atomically."""
     canon = _canonical_settings(settings)
@@ -388,11 +372,11 @@ def save_tangent_basis(path: str, tb: TangentBasis, settings: dict) -> None:
         "rank": np.asarray(tb.rank),
         "settings_json": np.asarray(canon),
     }
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    io_lib.atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
     meta = {"settings": json.loads(canon), "shape": list(arrays["basis"].shape),
             "rank_min": int(arrays["rank"].min()) if arrays["rank"].size else 0,
             "rank_max": int(arrays["rank"].max()) if arrays["rank"].size else 0}
-    _atomic_write(path + ".json", lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True)), mode="w")
+    io_lib.atomic_write(path + ".json", lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True)), mode="w")
 
 
 def load_tangent_basis(path: str, settings: dict | None = None) -> TangentBasis | None:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from pagjax import io as io_lib
 from pagjax import validation
 
 Array = jax.Array
@@ -487,7 +487,7 @@ def save_denoiser(path: str, denoiser: Denoiser) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "arrays"), {"params": denoiser.params, "mean": denoiser.mean}, force=True)
         ckptr.wait_until_finished()
-    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(denoiser.config(), indent=2))
+    io_lib.write_json(os.path.join(path, "config.json"), denoiser.config())
 
 
 def load_denoiser(path: str) -> Denoiser:
@@ -516,19 +516,6 @@ def load_denoiser(path: str) -> Denoiser:
 
 
 # --------------------------------------------------------------------------- cache
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ScoreCache:
@@ -580,15 +567,7 @@ class ScoreCache:
         arr = np.asarray(maps)
         self._mem[key] = arr
         if self.directory is not None and persist:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".npz")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, maps=arr)
-                os.replace(tmp, os.path.join(self.directory, key + ".npz"))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            io_lib.save_npz(os.path.join(self.directory, key + ".npz"), maps=arr)
 
 
 def _source_call(source, x, y, s):

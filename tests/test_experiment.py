@@ -8,7 +8,7 @@ import chex
 import numpy as np
 import pytest
 
-from pagjax import experiment, sweep
+from pagjax import experiment
 from pagjax.experiment import SettingsMismatchError, SweepConfig, run_sweep
 from pagjax.measure import MeasureConfig
 from pagjax.training import OptimizerConfig

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from jax.scipy.stats import multivariate_normal
 
 from pagjax.manifolds import (LinearManifold, build_manifold, default_linear_manifold,
                               make_dataset, make_linear_manifold)
