@@ -13,8 +13,21 @@ It writes into `out_dir`:
 Fault tolerance: training checkpoints every ``checkpoint_every`` steps; a rerun into the
 same folder resumes from the last checkpoint and skips finished methods. A rerun with
 different settings stops with `SettingsMismatchError` unless ``overwrite=True``.
-Execution details (``strategy``, ``steps_per_call``, ``checkpoint_every``) may differ
-between runs: they do not change what is computed.
+Execution details (``strategy``, ``steps_per_call``, ``checkpoint_every``, ``data_dir``,
+``download``) may differ between runs: they do not change what is computed.
+
+Real images (``dataset`` one of `pagjax.data.dataset_names()`: ``digits`` always,
+``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet64`` when prepared) have no known
+manifold or density. The sweep then learns both, once per output folder (cached under
+``learned/``): a tangent space from an autoencoder's decoder Jacobian (PAPER.md section 3,
+`pagjax.autoencoder`) and a score from a denoiser (`pagjax.scores`). The denoiser is
+class-conditional with an extra "no label" class, trained on every image twice (once with
+its label, once with the null label), the classifier-free-guidance trick of Ho & Salimans
+2022, so one network gives both grad log p_s(x|y) and grad log p_s(x) by Tweedie's formula;
+their difference is the learned Bayes gradient grad log p_s(y|x). ``score_cosine`` is then
+the cosine with the learned class-conditional score, ``learned_bayes_cosine`` the cosine
+with the learned Bayes gradient (the figure's alignment curve and the LPIPS reference), and
+``bayes_cosine`` / ``bayes_accuracy`` stay empty: they are exact quantities.
 """
 from __future__ import annotations
 
@@ -37,7 +50,7 @@ from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import plots, regimes, sweep, training, validation
 
-EXECUTION_FIELDS = ("strategy", "steps_per_call", "checkpoint_every")
+EXECUTION_FIELDS = ("strategy", "steps_per_call", "checkpoint_every", "data_dir", "download")
 
 # Default grids for the built-in data (linear_default with normal_offset 0.2, MLP width
 # 256): each spans weak -> Bayes-aligned -> excessive (found by probe runs, README).
@@ -47,16 +60,73 @@ DEFAULT_STRENGTHS = {
     "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
     "pgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
 }
+# Default grids for the offline digits (8x8, MLP width 256, 600 steps). Probe runs: noise
+# and PGD models reach accuracy 0.98-0.99 up to 0.3, lose accuracy at 1-3 (PGD at eps 3
+# collapses to chance); the gradient's on-manifold fraction (8-latent autoencoder) rises
+# from 0.64 to 0.8-0.86 and falls again. Even the weakest model is off-manifold robust
+# (off < on): these smooth digits have no "non-robust features" to show a weak regime.
+REAL_DEFAULT_STRENGTHS = {
+    "gradnorm": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
+    "smoothness": (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0),
+    "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "pgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+}
 STRENGTH_NAMES = {"gradnorm": "lambda", "smoothness": "lambda", "noise": "noise s", "pgd": "eps (L2)", "ce": "-"}
 RESULT_COLUMNS = (
     "method", "strength", "seed", "accuracy", "bayes_accuracy", "on_change", "off_change", "off_on_ratio",
     "grad_on_manifold_fraction", "random_fraction", "bayes_fraction", "score_cosine", "bayes_cosine", "lpips_alignment",
-    "robust_accuracy", "regime", "diverged",
+    "robust_accuracy", "regime", "diverged", "learned_bayes_cosine",
 )
 
 
 class SettingsMismatchError(ValueError):
     """The output folder holds a run with different settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedConfig:
+    """How the tangent spaces and scores of real images are learned (cached in ``learned/``).
+
+    Autoencoder (`pagjax.autoencoder.train_autoencoder`): ``ae_latent`` latents (the paper:
+    128 on CIFAR-10), ``ae_arch`` "mlp" or "conv", Adam at ``ae_lr`` for ``ae_steps``.
+    Denoiser (`pagjax.scores.train_denoiser`), trained at the alignment noise level:
+    ``den_arch``, ``den_width``, ``den_depth``, Adam at ``den_lr`` for ``den_steps``.
+    ``basis_method``: orthonormalisation of the decoder Jacobian (`geometry.orthonormalize`).
+    """
+
+    ae_latent: int = 8
+    ae_arch: str = "mlp"
+    ae_hidden: tuple[int, ...] = (256,)
+    ae_features: tuple[int, ...] = (32, 64)
+    ae_steps: int = 2000
+    ae_lr: float = 1e-3
+    den_arch: str = "mlp"
+    den_width: int = 256
+    den_depth: int = 3
+    den_steps: int = 2000
+    den_lr: float = 1e-3
+    basis_method: str = "svd"
+    seed: int = 0
+
+    def validate(self, image_shape: tuple[int, ...] | None = None) -> None:
+        """Check the settings (and, given the example shape, the architectures)."""
+        for name in ("ae_latent", "ae_steps", "den_width", "den_depth", "den_steps"):
+            validation.check_positive_int(name, getattr(self, name))
+        validation.check_positive("ae_lr", self.ae_lr)
+        validation.check_positive("den_lr", self.den_lr)
+        validation.check_choice("ae_arch", self.ae_arch, ("mlp", "conv"))
+        validation.check_choice("den_arch", self.den_arch, ("mlp", "conv"))
+        from pagjax import geometry
+
+        validation.check_choice("basis_method", self.basis_method, geometry.ORTHO_METHODS)
+        if image_shape is not None:
+            from pagjax import autoencoder
+
+            autoencoder.make_autoencoder(image_shape, self.ae_latent, arch=self.ae_arch, hidden=self.ae_hidden,
+                                         features=self.ae_features)
+            d = int(np.prod(image_shape))
+            if self.ae_latent > d:
+                raise ValueError(f"ae_latent {self.ae_latent} exceeds the {d} pixels of an image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +137,7 @@ class SweepConfig:
     strengths: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_STRENGTHS))
     seeds: tuple[int, ...] = (0, 1)
     dataset: str = "linear_default"
-    dataset_kwargs: dict = dataclasses.field(default_factory=lambda: {"normal_offset": 0.2})
+    dataset_kwargs: dict = dataclasses.field(default_factory=lambda: {"normal_offset": 0.2})  # built-in manifolds only
     data_seed: int = 0
     n_train: int = 8192
     n_test: int = 1024
@@ -82,6 +152,18 @@ class SweepConfig:
     strategy: str = "auto"
     steps_per_call: int = 100
     checkpoint_every: int = 200
+    image_size: int | None = None  # real data: resize to image_size x image_size
+    augment: str = "none"  # "crop_flip": the paper's random crop (pad 4) + horizontal flip
+    learned: LearnedConfig = LearnedConfig()
+    data_dir: str | None = None  # real data: tfds data directory (execution detail)
+    download: bool = False  # real data: download if not prepared (execution detail)
+
+    @property
+    def is_real(self) -> bool:
+        """Whether the dataset is a real-image dataset (learned tangent spaces and scores)."""
+        from pagjax import data as data_lib
+
+        return data_lib.is_real_dataset(self.dataset)
 
     def validate(self) -> None:
         """Check every setting before any data is built or anything compiled."""
@@ -97,9 +179,19 @@ class SweepConfig:
                 raise ValueError(f"strengths[{m!r}] must be strictly increasing, got {s.tolist()}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct integers, got {self.seeds}")
+        from pagjax import data as data_lib
         from pagjax.manifolds import manifold_names
 
-        validation.check_choice("dataset", self.dataset, manifold_names())
+        validation.check_choice("dataset", self.dataset, tuple(manifold_names()) + data_lib.dataset_names())
+        validation.check_choice("augment", self.augment, data_lib.AUGMENTATIONS)
+        if self.image_size is not None:
+            validation.check_positive_int("image_size", self.image_size)
+        if self.is_real:
+            shape = data_lib.TFDS_DATASETS[self.dataset].shape if self.dataset in data_lib.TFDS_DATASETS else (8, 8, 1)
+            if self.image_size is not None:
+                shape = (self.image_size, self.image_size, shape[2])
+            self.learned.validate(shape)
+            data_lib.check_available(self.dataset, data_dir=self.data_dir, download=self.download)  # fast, offline
         validation.check_positive_int("n_train", self.n_train)
         validation.check_positive_int("n_test", self.n_test)
         models_lib.build_model(self.model, 2)  # raises on a bad name or option
@@ -109,6 +201,8 @@ class SweepConfig:
         objectives_lib.make_objective("pgd", pgd_steps=self.pgd_steps, smoothness_noise_std=self.smoothness_noise_std)
         if self.batch_size > self.n_train:
             raise ValueError(f"batch_size {self.batch_size} exceeds n_train {self.n_train}")
+        if self.dataset == "digits" and self.batch_size > 1797 - data_lib.DIGITS_TEST:
+            raise ValueError(f"batch_size {self.batch_size} exceeds the {1797 - data_lib.DIGITS_TEST} digits training images")
         self.measure.validate()
         validation.check_choice("strategy", self.strategy, sweep.STRATEGIES)
         validation.check_positive_int("steps_per_call", self.steps_per_call)
@@ -168,7 +262,14 @@ class SweepData:
 
 
 def load_data(config: SweepConfig) -> SweepData:
-    """The sweep's dataset (built-in known manifolds, generated from `data_seed`)."""
+    """The sweep's dataset: a built-in known manifold generated from `data_seed`, or a real
+    dataset (`pagjax.data`, at most n_train / n_test images chosen by `data_seed`)."""
+    if config.is_real:
+        from pagjax import data as data_lib
+
+        d = data_lib.load_splits(config.dataset, n_train=config.n_train, n_test=config.n_test, data_dir=config.data_dir,
+                                 download=config.download, image_size=config.image_size, seed=config.data_seed)
+        return SweepData(d.x_train, d.y_train, d.x_test, d.y_test, None, d.num_classes, None)
     from pagjax.manifolds import build_manifold, make_dataset
 
     manifold = build_manifold(config.dataset, key=config.data_seed, **config.dataset_kwargs)
@@ -189,6 +290,9 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
     model = models_lib.build_model(config.model, data.num_classes)
     objective = objectives_lib.make_objective(
         method, official=config.official, pgd_steps=config.pgd_steps, smoothness_noise_std=config.smoothness_noise_std)
+    from pagjax import data as data_lib
+
+    objective = data_lib.with_augmentation(objective, config.augment)
     optimizer = training.make_optimizer(config.optimizer, config.steps)
     strengths, seeds = _method_points(config, method)
     init = sweep.init_sweep_state(model, optimizer, strengths, seeds, jnp.asarray(data.x_train[: config.batch_size]))
@@ -212,6 +316,79 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
         ckpt.close()
 
 
+def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Callable[[str], None] = print) -> dict:
+    """Learned tangent bases and score maps of the first ``num_eval`` test images.
+
+    Trains (or loads from ``out_dir/learned/``) an autoencoder and a denoiser (see the
+    module docstring), and returns ``basis`` (n, d, k), ``score_maps`` (learned
+    grad log p_s(x|y)) and ``learned_bayes_maps`` (learned grad log p_s(y|x)) at the
+    alignment noise level s, each for the n eval images.
+    """
+    from pagjax import autoencoder as ae_lib
+    from pagjax import geometry
+    from pagjax import scores as scores_lib
+
+    lc, mc = config.learned, config.measure
+    root = os.path.join(out_dir, "learned")
+    n = min(mc.num_eval, data.x_test.shape[0])
+    x_eval, y_eval = jnp.asarray(data.x_test[:n]), jnp.asarray(data.y_test[:n])
+    data_id = {"dataset": config.dataset, "image_size": config.image_size, "data_seed": config.data_seed,
+               "n_train": int(data.x_train.shape[0]), "n_test": int(data.x_test.shape[0])}
+    ae_settings = {**data_id, "latent": lc.ae_latent, "arch": lc.ae_arch, "hidden": list(lc.ae_hidden),
+                   "features": list(lc.ae_features), "steps": lc.ae_steps, "lr": lc.ae_lr, "seed": lc.seed}
+    ae_dir = os.path.join(root, "autoencoder")
+    ae = None
+    if os.path.exists(os.path.join(ae_dir, "config.json")):
+        if io_lib.read_json(os.path.join(ae_dir, "config.json")).get("extra") == json.loads(json.dumps(ae_settings)):
+            ae = ae_lib.load_autoencoder(ae_dir)
+            log("autoencoder: loaded from cache")
+    if ae is None:
+        t = time.perf_counter()
+        ae = ae_lib.train_autoencoder(jnp.asarray(data.x_train), latent_dim=lc.ae_latent, steps=lc.ae_steps,
+                                      key=jax.random.key(lc.seed), learning_rate=lc.ae_lr, arch=lc.ae_arch,
+                                      hidden=lc.ae_hidden, features=lc.ae_features)
+        ae_lib.save_autoencoder(ae_dir, ae, extra=ae_settings)
+        log(f"autoencoder: trained {lc.ae_steps} steps in {time.perf_counter() - t:.0f} s, final mse {float(ae.losses[-1]):.4f}")
+    tb = geometry.cached_tangent_basis(
+        os.path.join(root, "tangent_basis.npz"), {**ae_settings, "num_eval": n, "method": lc.basis_method},
+        lambda: ae_lib.learned_tangent_basis(ae, x_eval, method=lc.basis_method, example_chunk=32))
+
+    s = float(mc.align_noise)
+    den_settings = {**data_id, "noise": s, "arch": lc.den_arch, "width": lc.den_width, "depth": lc.den_depth,
+                    "steps": lc.den_steps, "lr": lc.den_lr, "seed": lc.seed}
+    den_dir = os.path.join(root, "denoiser")
+    den_meta = os.path.join(root, "denoiser_settings.json")
+    den = None
+    if os.path.exists(den_meta) and io_lib.read_json(den_meta) == json.loads(json.dumps(den_settings)):
+        den = scores_lib.load_denoiser(den_dir)
+        log("denoiser: loaded from cache")
+    if den is None:
+        t = time.perf_counter()
+        k = data.num_classes
+        x2 = jnp.concatenate([jnp.asarray(data.x_train)] * 2)
+        y2 = jnp.concatenate([jnp.asarray(data.y_train, jnp.int32), jnp.full((data.x_train.shape[0],), k, jnp.int32)])
+        den = scores_lib.train_denoiser(x2, y2, noise_levels=s, steps=lc.den_steps, key=jax.random.key(lc.seed + 1),
+                                        conditional=True, num_classes=k + 1, learning_rate=lc.den_lr,
+                                        width=lc.den_width, depth=lc.den_depth, arch=lc.den_arch)
+        scores_lib.save_denoiser(den_dir, den)
+        io_lib.write_json(den_meta, den_settings)
+        log(f"denoiser: trained {lc.den_steps} steps in {time.perf_counter() - t:.0f} s")
+    source = scores_lib.learned_score(den)
+    class_score = scores_lib.compute_scores(source, x_eval, y_eval, noise_level=s, chunk_size=64)
+    null = jnp.full_like(y_eval, data.num_classes)
+    uncond = scores_lib.compute_scores(source, x_eval, null, noise_level=s, chunk_size=64)
+    return {"basis": tb.basis, "score_maps": class_score, "learned_bayes_maps": class_score - uncond}
+
+
+def make_eval_set(config: SweepConfig, data: SweepData, out_dir: str, log: Callable[[str], None] = print):
+    """The evaluation set: exact maps for a known manifold, learned ones for real images."""
+    if data.manifold is not None:
+        return measure_lib.prepare_eval_set(data.x_test, data.y_test, data.num_classes, config.measure,
+                                            manifold=data.manifold, z_test=data.z_test)
+    geo = learned_geometry(config, data, out_dir, log)
+    return measure_lib.prepare_eval_set(data.x_test, data.y_test, data.num_classes, config.measure, **geo)
+
+
 def measure_method(config: SweepConfig, method: str, state: sweep.SweepState, evalset, data: SweepData) -> tuple[list, np.ndarray]:
     """Measure every model of a method: rows and gradient maps (K, grid, H, W, C)."""
     model = models_lib.build_model(config.model, data.num_classes)
@@ -220,7 +397,9 @@ def measure_method(config: SweepConfig, method: str, state: sweep.SweepState, ev
     rows, grids = [], []
     for i, (s, seed) in enumerate(zip(strengths, seeds)):
         row = {"method": method, "strength": s, "seed": seed, "diverged": bool(diverged[i])}
-        variables = sweep.model_variables(state, i)
+        # one device: a model sliced from a sharded sweep state lives on several devices,
+        # and the eval set's cached maps on one
+        variables = jax.device_put(jax.device_get(sweep.model_variables(state, i)), jax.devices()[0])
         finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(variables))
         if diverged[i] or not finite:
             row["diverged"] = True
@@ -247,7 +426,7 @@ def method_curves(rows: list[dict], config: SweepConfig, method: str, num_classe
         return out
 
     curves = {c: grid(c) for c in ("on_change", "off_change", "accuracy", "bayes_cosine", "score_cosine",
-                                   "grad_on_manifold_fraction", "lpips_alignment")}
+                                   "grad_on_manifold_fraction", "lpips_alignment", "learned_bayes_cosine")}
     with warnings.catch_warnings():  # all-NaN rows (diverged or unmeasured) are expected
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {c: np.nanmean(v, 1) for c, v in curves.items()}
@@ -259,14 +438,17 @@ def method_curves(rows: list[dict], config: SweepConfig, method: str, num_classe
                                        mean["accuracy"][ok], chance=1.0 / num_classes)
         for i, lab in zip(np.nonzero(ok)[0], result.labels):
             labels[i] = lab
-    curves.update(strengths=strengths, labels=labels, mean=mean)
+    learned = not np.isfinite(mean["bayes_cosine"]).any() and np.isfinite(mean["learned_bayes_cosine"]).any()
+    curves.update(strengths=strengths, labels=labels, mean=mean,
+                  alignment_column="learned_bayes_cosine" if learned else "bayes_cosine")
     return curves, result
 
 
 def summarize(curves: dict, result: regimes.RegimeResult | None, method: str) -> dict:
     """The per-method line of the final table."""
-    align = curves["mean"]["bayes_cosine"]
-    out = {"method": method}
+    column = curves.get("alignment_column", "bayes_cosine")
+    align = curves["mean"][column]
+    out = {"method": method, "alignment": "learned Bayes gradient" if column != "bayes_cosine" else "exact Bayes gradient"}
     if np.isfinite(align).any():
         i = int(np.nanargmax(align))
         out.update(peak_bayes_cosine=float(align[i]), peak_at=float(curves["strengths"][i]),
@@ -309,8 +491,9 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
         regime_info[method] = result.as_dict() if result is not None else None
         fig_curves[method] = {"strengths": curves["strengths"], "labels": curves["labels"],
                               "on_change": curves["on_change"], "off_change": curves["off_change"],
-                              "accuracy": curves["accuracy"], "alignment": curves["bayes_cosine"],
-                              "alignment_label": "cosine with Bayes gradient"}
+                              "accuracy": curves["accuracy"], "alignment": curves[curves["alignment_column"]],
+                              "alignment_label": ("cosine with Bayes gradient" if curves["alignment_column"] == "bayes_cosine"
+                                                  else "cosine with LEARNED Bayes gradient")}
         grids = grids_by_method[method]
         strengths, seeds = _method_points(config, method)
         first_seed = [i for i, sd in enumerate(seeds) if sd == config.seeds[0]]
@@ -319,6 +502,11 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
         if evalset.bayes_maps is not None:
             rows_img.append(np.asarray(evalset.bayes_maps[: config.measure.grid_images]))
             labels_img.append(f"Bayes s={config.measure.align_noise:g}")
+        elif evalset.learned_bayes_maps is not None:
+            rows_img.append(np.asarray(evalset.learned_bayes_maps[: config.measure.grid_images]))
+            labels_img.append(f"learned Bayes s={config.measure.align_noise:g}")
+            rows_img.insert(0, np.asarray(evalset.x[: config.measure.grid_images]))
+            labels_img.insert(0, "image")
         plots.gradient_grid(rows_img, labels_img, os.path.join(out_dir, f"gradients_{method}.png"),
                             title=f"input-gradients of log p(y|x), {method} (seed {config.seeds[0]})")
     extra = sorted({k for r in all_rows for k in r if k.startswith(("on_change@", "off_change@"))})
@@ -339,8 +527,7 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     prepare_output(out_dir, config, overwrite)
     t0 = time.perf_counter()
     data = load_data(config)
-    evalset = measure_lib.prepare_eval_set(data.x_test, data.y_test, data.num_classes, config.measure,
-                                           manifold=data.manifold, z_test=data.z_test)
+    evalset = make_eval_set(config, data, out_dir, log)
     rows_by_method, grids_by_method = {}, {}
     total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
     bar = tqdm(total=total, disable=not progress, unit="model-step", smoothing=0.1)

@@ -17,6 +17,10 @@ against it:
   gradient grad log p_s(y|x) at ``align_noise`` (the theory's prediction);
 * ``lpips_alignment``: 1 - LPIPS (AlexNet, maps scaled by their max |value|, images
   upsampled to 32 px when smaller) between the gradient and the Bayes gradient;
+* on real images, where no exact density is known, `prepare_eval_set` takes learned maps
+  instead: ``score_maps`` (a learned class-conditional score, giving ``score_cosine``) and
+  ``learned_bayes_maps`` (a learned Bayes gradient, giving ``learned_bayes_cosine`` and the
+  LPIPS alignment); ``bayes_cosine`` and ``bayes_accuracy`` then stay empty;
 * optionally ``robust_accuracy`` under L2 PGD of radius ``pgd_eps``.
 """
 from __future__ import annotations
@@ -82,17 +86,26 @@ class EvalSet:
     num_classes: int
     lpips_net: Any = None
     bayes_fraction: float | None = None  # on-manifold fraction of the exact Bayes gradient
+    learned_bayes_maps: Array | None = None  # real data: a learned Bayes gradient (not exact)
 
 
 def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *, manifold=None, z_test=None,
-                     basis=None, key=None) -> EvalSet:
+                     basis=None, key=None, score_maps=None, learned_bayes_maps=None) -> EvalSet:
     """Prepare the evaluation set once. With a known `manifold` the tangent basis, the
     exact score and Bayes maps and the Bayes-optimal accuracy come from it; otherwise pass a
-    learned `basis` (or None to skip the manifold measurements)."""
+    learned `basis` (or None to skip the manifold measurements) and optionally learned
+    ``score_maps`` / ``learned_bayes_maps`` for the first ``num_eval`` test images."""
     config.validate()
     n = min(config.num_eval, x_test.shape[0])
     x, y = jnp.asarray(x_test[:n]), jnp.asarray(y_test[:n])
-    score_maps = bayes_maps = bayes_acc = None
+    for name, maps in (("score_maps", score_maps), ("learned_bayes_maps", learned_bayes_maps)):
+        if maps is not None and tuple(maps.shape) != tuple(x.shape):
+            raise ValueError(f"{name} must have the eval images' shape {tuple(x.shape)}, got {tuple(maps.shape)}")
+    if manifold is not None and (score_maps is not None or learned_bayes_maps is not None):
+        raise ValueError("pass either manifold (exact maps) or learned score_maps / learned_bayes_maps, not both")
+    score_maps = None if score_maps is None else jnp.asarray(score_maps)
+    learned_bayes_maps = None if learned_bayes_maps is None else jnp.asarray(learned_bayes_maps)
+    bayes_maps = bayes_acc = None
     if manifold is not None:
         if basis is None:
             basis = getattr(manifold, "basis", None)
@@ -104,7 +117,7 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
         key = key if key is not None else jax.random.key(0)
         bayes_acc = float(manifold.bayes_accuracy(key, 0.0))
     lpips_net = None
-    if config.lpips and bayes_maps is not None:
+    if config.lpips and (bayes_maps is not None or learned_bayes_maps is not None):
         from pagjax import lpips as lpips_lib
 
         lpips_net = lpips_lib.load_lpips("alexnet")
@@ -112,7 +125,7 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
     if bayes_maps is not None and basis is not None:
         bayes_frac = float(jnp.mean(robustness.gradient_on_manifold_fraction(bayes_maps, basis)[0]))
     return EvalSet(jnp.asarray(x_test), jnp.asarray(y_test), x, y, basis, score_maps, bayes_maps, bayes_acc,
-                   num_classes, lpips_net, bayes_frac)
+                   num_classes, lpips_net, bayes_frac, learned_bayes_maps)
 
 
 def accuracy(apply_fn, variables, x, y, batch_size: int = 1024) -> float:
@@ -160,12 +173,15 @@ def measure_model(apply_fn, variables, evalset: EvalSet, config: MeasureConfig, 
         row["score_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.score_maps)))
     if evalset.bayes_maps is not None:
         row["bayes_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.bayes_maps)))
-        if evalset.lpips_net is not None:
-            m = config.lpips_images
-            a = alignment.normalize_maps(grads[:m], "max_abs")
-            b = alignment.normalize_maps(evalset.bayes_maps[:m], "max_abs")
-            row["lpips_alignment"] = float(jnp.mean(
-                alignment.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
+    if evalset.learned_bayes_maps is not None:
+        row["learned_bayes_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.learned_bayes_maps)))
+    reference = evalset.bayes_maps if evalset.bayes_maps is not None else evalset.learned_bayes_maps
+    if reference is not None and evalset.lpips_net is not None:
+        m = config.lpips_images
+        a = alignment.normalize_maps(grads[:m], "max_abs")
+        b = alignment.normalize_maps(reference[:m], "max_abs")
+        row["lpips_alignment"] = float(jnp.mean(
+            alignment.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
     if config.pgd_eps is not None:
         row["robust_accuracy"] = robust_accuracy(apply_fn, variables, x, y, config.pgd_eps, config.pgd_steps, k_pgd)
     return row, np.asarray(grads[: config.grid_images])

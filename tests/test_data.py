@@ -1,0 +1,120 @@
+"""Real-image datasets: offline digits, tfds loaders (mock data, no network), fast failure
+without prepared data, deterministic streaming and sharding, augmentation."""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from pagjax import data, devices
+
+
+def test_digits_are_nhwc_unit_range_and_deterministic():
+    a, b = data.digits(seed=3), data.digits(seed=3)
+    assert a.x_train.shape == (1500, 8, 8, 1) and a.x_test.shape == (297, 8, 8, 1)
+    assert a.x_train.dtype == np.float32 and a.y_train.dtype == np.int32
+    assert 0.0 == a.x_train.min() and a.x_train.max() == 1.0
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert set(np.unique(a.y_train)) == set(range(10))
+    up = data.digits(seed=3, image_size=16)
+    assert up.x_train.shape == (1500, 16, 16, 1) and 0 <= up.x_train.min() and up.x_train.max() <= 1
+    # upsampling keeps the image: downsampling it again is close to the original
+    back = data.resize_images(up.x_test, 8)
+    assert np.corrcoef(back.ravel(), a.x_test.ravel())[0, 1] > 0.9
+    assert not np.array_equal(data.digits(seed=4).y_test, a.y_test)
+
+
+def test_missing_tfds_data_fails_fast_with_instructions(tmp_path):
+    for name in ("mnist", "cifar10", "imagenet64"):
+        t = time.perf_counter()
+        with pytest.raises(data.DatasetUnavailableError, match=r"python -m pagjax.data download") as err:
+            data.load_splits(name, data_dir=str(tmp_path), n_train=10, n_test=10)
+        assert time.perf_counter() - t < 5.0
+        assert isinstance(err.value, ValueError) and str(tmp_path) in str(err.value)
+    with pytest.raises(data.DatasetUnavailableError, match="does not exist"):
+        data.check_available("mnist", data_dir=str(tmp_path / "nope"))
+    data.check_available("digits", data_dir=str(tmp_path / "nope"))  # always available
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="dataset"):
+        data.load_dataset("svhn")
+    with pytest.raises(ValueError, match="image_size"):
+        data.digits(image_size=0)
+    with pytest.raises(ValueError, match="max_examples"):
+        data.load_dataset("digits", max_examples=-1)
+    with pytest.raises(ValueError, match="max_examples"):  # too large for memory without a subset
+        data.load_dataset("imagenet64", data_dir="/nonexistent")
+
+
+def test_tfds_loader_with_mock_data(monkeypatch):
+    # mock_data fakes tfds.data_source; prepared-data check is bypassed (mock data are never "prepared").
+    monkeypatch.setattr(data, "check_available", lambda *a, **k: None)
+    with tfds.testing.mock_data(num_examples=12):
+        d = data.load_splits("mnist", n_train=8, n_test=5, seed=1)
+        assert d.x_train.shape == (8, 28, 28, 1) and d.x_test.shape == (5, 28, 28, 1)
+        assert d.x_train.dtype == np.float32 and 0 <= d.x_train.min() and d.x_train.max() <= 1
+        assert d.num_classes == 10 and d.y_train.dtype == np.int32 and d.y_train.max() < 10
+        again = data.load_splits("mnist", n_train=8, n_test=5, seed=1)
+        np.testing.assert_array_equal(d.x_train, again.x_train)
+        x, y = data.load_dataset("cifar10", split="test", max_examples=4, image_size=16)
+        assert x.shape == (4, 16, 16, 3) and y.shape == (4,)
+        x, _ = data.load_dataset("imagenet64", split="test", max_examples=3)
+        assert x.shape == (3, 64, 64, 3)
+
+
+def _fake_source(n=20):
+    imgs = (np.arange(n)[:, None, None, None] * np.ones((1, 8, 8, 1))).astype(np.uint8)
+    return data.ArraySource(imgs, np.arange(n, dtype=np.int32))
+
+
+def test_streaming_is_deterministic_resumable_and_covers_each_epoch():
+    src = _fake_source(20)
+    kw = dict(batch_size=5, seed=7, source=src)
+    full = list(data.stream_batches("digits", num_steps=8, **kw))
+    resumed = list(data.stream_batches("digits", start_step=3, num_steps=5, **kw))
+    for (xa, ya), (xb, yb) in zip(full[3:], resumed):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa, xb)
+    epoch0 = np.concatenate([y for _, y in full[:4]])
+    assert sorted(epoch0.tolist()) == list(range(20))  # one epoch = each example once
+    epoch1 = np.concatenate([y for _, y in full[4:8]])
+    assert not np.array_equal(epoch0, epoch1)  # reshuffled each epoch
+    # labels stay attached to their images (image value = index)
+    xb, yb = full[0]
+    np.testing.assert_allclose(xb[:, 0, 0, 0] * 255, yb, atol=1e-3)
+    other = list(data.stream_batches("digits", batch_size=5, seed=8, source=src, num_steps=1))
+    assert not np.array_equal(other[0][1], full[0][1])
+
+
+def test_streaming_shards_batches_over_devices():
+    mesh = devices.make_mesh("batch", jax.devices())
+    n_dev = mesh.size
+    src = _fake_source(32)
+    (xb, yb), = list(data.stream_batches("digits", batch_size=4 * n_dev, seed=0, source=src, num_steps=1, mesh=mesh))
+    assert isinstance(xb, jax.Array) and len(xb.sharding.device_set) == n_dev
+    assert xb.addressable_shards[0].data.shape[0] == 4
+    ref = next(data.stream_batches("digits", batch_size=4 * n_dev, seed=0, source=src, num_steps=1))
+    np.testing.assert_array_equal(np.asarray(yb), ref[1])
+    if n_dev > 1:
+        with pytest.raises(ValueError, match="divisible"):
+            next(data.stream_batches("digits", batch_size=4 * n_dev + 1, source=src, mesh=mesh))
+
+
+def test_crop_flip_augmentation_is_a_pure_function_of_key_and_batch():
+    x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 3))
+    a = jax.jit(data.random_crop_flip)(jax.random.key(1), x)
+    b = data.random_crop_flip(jax.random.key(1), x)
+    np.testing.assert_allclose(a, b)
+    assert a.shape == x.shape and not np.allclose(a, x)
+    # pad 0 leaves only flips: each image equals itself or its mirror
+    f = data.random_crop_flip(jax.random.key(2), x, pad=0)
+    for i in range(6):
+        assert np.allclose(f[i], x[i]) or np.allclose(f[i], x[i, :, ::-1])
+    # "none" leaves an objective untouched
+    obj = lambda *args: args  # noqa: E731
+    assert data.with_augmentation(obj, "none") is obj
+    with pytest.raises(ValueError, match="augment"):
+        data.with_augmentation(obj, "rotate")
