@@ -34,7 +34,8 @@ REGIME_NAMES = ("weak", "Bayes-aligned", "excessive")
 TABLE_COLUMNS = (
     ("model", "model", "{:<18}"), ("accuracy", "acc", "{:>6.3f}"),
     ("gen_model_success", "gen ok", "{:>7.2f}"), ("gen_bayes_target_acc", "gen Bayes", "{:>10.2f}"),
-    ("gen_move_normal_fraction", "mv normal", "{:>10.3f}"), ("gen_normal_ratio", "off ratio", "{:>10.3f}"),
+    ("gen_move", "move", "{:>6.2f}"), ("gen_move_normal_fraction", "mv off", "{:>7.3f}"),
+    ("gen_move_offdata_fraction", "mv offdata", "{:>11.3f}"), ("gen_normal_ratio", "off ratio", "{:>10.3f}"),
     ("den_mse", "den mse", "{:>9.5f}"), ("den_mse_noisy", "noisy", "{:>9.5f}"), ("den_mse_tweedie", "tweedie", "{:>9.5f}"),
     ("den_tangent_err", "den tan", "{:>8.3f}"), ("den_tangent_err_noisy", "tan noisy", "{:>10.3f}"),
     ("inp_mse", "inp mse", "{:>9.5f}"), ("inp_mse_fill", "fill", "{:>9.5f}"), ("inp_mse_subspace", "oracle", "{:>9.5f}"),
@@ -67,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--denoise-steps", type=int, default=10, help="denoising steps")
     p.add_argument("--inpaint-steps", type=int, default=60, help="in-painting steps")
     p.add_argument("--inpaint-step-size", type=float, default=0.05, help="in-painting step length (L2)")
+    p.add_argument("--inpaint-radius", type=float, default=0.5, help="L2 ball around the in-painting start (0 = none)")
     p.add_argument("--bayes-noise", type=float, default=0.3, help="noise level of the Bayes-optimal reference classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of the procedures' randomness")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -271,7 +273,8 @@ def run(args) -> list[dict]:
     for e in entries:
         gen = G.make_generator(e.apply, num_steps=args.gen_steps, step_size=args.gen_step_size, radius=radius, box=box)
         den = G.make_denoiser(e.apply, num_steps=args.denoise_steps, box=box)
-        inp = G.make_inpainter(e.apply, num_steps=args.inpaint_steps, step_size=args.inpaint_step_size, box=box)
+        inp = G.make_inpainter(e.apply, num_steps=args.inpaint_steps, step_size=args.inpaint_step_size,
+                               radius=args.inpaint_radius if args.inpaint_radius > 0 else None, box=box)
         rg = gen(e.variables, seeds, targets, k_gen)
         rd = den(e.variables, noisy, args.denoise_noise, None)
         ri = inp(e.variables, observed, mask, k_inp, labels=y_test)

@@ -485,11 +485,13 @@ def measure_generation(result: AscentResult, targets: Array, *, manifold=None, b
     * ``model_success``: fraction whose model prediction is the target (``model_logits`` at x_T);
     * with a known ``manifold``: ``bayes_target_acc`` (the Bayes-optimal classifier at
       ``bayes_noise`` predicts the target) and ``bayes_target_prob``;
-    * with a linear manifold (a global basis and ``center``): ``move_normal_fraction``
-      ||P_perp (x_T - x_0)|| / ||x_T - x_0|| (0 for a move within the data's directions)
-      and ``normal_ratio`` ||P_perp (x_T - c)|| / ||P_perp (x_0 - c)|| (the distance from the
-      data's subspace at the end relative to the start). P_perp is taken against ``basis``,
-      by default `data_subspace_basis` (U, plus the class offset directions if any).
+    * with a linear manifold (a global ``basis`` U and ``center`` c): ``move_normal_fraction``
+      ||P_perp (x_T - x_0)|| / ||x_T - x_0|| (0 for a move along the manifold) and
+      ``normal_ratio`` ||P_perp (x_T - c)|| / ||P_perp (x_0 - c)|| (the distance from the
+      manifold's subspace at the end relative to the start), with P_perp against U (or
+      ``basis``); ``move_offdata_fraction`` is the same fraction against
+      `data_subspace_basis` (U plus the class offset directions: the directions the data
+      never vary along, where only noise lives).
     """
     x, x0 = result.x, result.start
     move = x - x0
@@ -501,12 +503,16 @@ def measure_generation(result: AscentResult, targets: Array, *, manifold=None, b
         log_post = manifold.log_posterior(x, bayes_noise)
         out["bayes_target_acc"] = _mean(jnp.argmax(log_post, -1) == targets)
         out["bayes_target_prob"] = _mean(jnp.exp(jnp.take_along_axis(log_post, targets[:, None], -1)))
-        basis = data_subspace_basis(manifold) if basis is None else basis
+        basis = getattr(manifold, "basis", None) if basis is None else basis
         center = getattr(manifold, "center", None)
         if basis is not None and center is not None:
             c = jnp.reshape(center, (1, *x.shape[1:]))
-            out["move_normal_fraction"] = _mean(_ratio(_normal_norm(move, basis), per_example_norm(move)))
+            mnorm = per_example_norm(move)
+            out["move_normal_fraction"] = _mean(_ratio(_normal_norm(move, basis), mnorm))
             out["normal_ratio"] = _mean(_ratio(_normal_norm(x - c, basis), _normal_norm(x0 - c, basis)))
+            data_basis = data_subspace_basis(manifold)
+            if data_basis is not None:
+                out["move_offdata_fraction"] = _mean(_ratio(_normal_norm(move, data_basis), mnorm))
     return out
 
 
