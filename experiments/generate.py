@@ -270,11 +270,15 @@ def run(args) -> list[dict]:
 
     radius = args.gen_radius if args.gen_radius > 0 else None
     rows, figs = [], {"gen": [], "den": [], "inp": []}
+    procedures = {}  # one set of compiled procedures per apply function (all trained models share one)
     for e in entries:
-        gen = G.make_generator(e.apply, num_steps=args.gen_steps, step_size=args.gen_step_size, radius=radius, box=box)
-        den = G.make_denoiser(e.apply, num_steps=args.denoise_steps, box=box)
-        inp = G.make_inpainter(e.apply, num_steps=args.inpaint_steps, step_size=args.inpaint_step_size,
-                               radius=args.inpaint_radius if args.inpaint_radius > 0 else None, box=box)
+        if id(e.apply) not in procedures:
+            procedures[id(e.apply)] = (
+                G.make_generator(e.apply, num_steps=args.gen_steps, step_size=args.gen_step_size, radius=radius, box=box),
+                G.make_denoiser(e.apply, num_steps=args.denoise_steps, box=box),
+                G.make_inpainter(e.apply, num_steps=args.inpaint_steps, step_size=args.inpaint_step_size,
+                                 radius=args.inpaint_radius if args.inpaint_radius > 0 else None, box=box))
+        gen, den, inp = procedures[id(e.apply)]
         rg = gen(e.variables, seeds, targets, k_gen)
         rd = den(e.variables, noisy, args.denoise_noise, None)
         ri = inp(e.variables, observed, mask, k_inp, labels=y_test)
