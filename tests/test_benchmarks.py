@@ -1,0 +1,70 @@
+"""The benchmark scripts run at tiny sizes and return well-formed results (no timing thresholds)."""
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import bench_step, bench_sweep, common, run_all
+
+TINY_STEP = {
+    "mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=3),
+}
+TINY_SWEEP = {"mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=2, steps=2)}
+
+
+def test_pass_count_ideal_ratios():
+    assert bench_step.ideal_ratio("ce", 10) == 1
+    assert bench_step.ideal_ratio("noise", 10) == 1
+    assert bench_step.ideal_ratio("gradnorm", 10) == 3
+    assert bench_step.ideal_ratio("smoothness", 10) == 2
+    assert bench_step.ideal_ratio("pgd", 10) == 11
+    with pytest.raises(ValueError):
+        bench_step.ideal_ratio("bogus", 1)
+
+
+def test_time_fn_reports_a_median_between_min_and_max():
+    t = common.time_fn(lambda: sum(range(1000)), repeats=3)
+    assert t["min_s"] <= t["median_s"] <= t["max_s"] and t["repeats"] == 3
+
+
+def test_step_benchmark_rows_are_sane():
+    res = bench_step.run(("mlp",), sizes=TINY_STEP, k=2, repeats=1, peak_n=64)
+    assert res["matmul_peak"]["flop_per_s"] > 0
+    assert len(res["rows"]) == len(bench_step.OBJECTIVES)
+    for r in res["rows"]:
+        assert r["step_s"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert r["ideal_ratio"] == bench_step.ideal_ratio(r["objective"], 2)
+        assert r["flops"] > 0 and r["flop_per_s"] > 0 and r["loss_finite"]
+        assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
+        if r["objective"] == "ce":
+            assert r["ratio"] == 1 and r["flop_ratio"] == 1
+    pgd = [r for r in res["rows"] if r["objective"] == "pgd"]
+    gn = [r for r in res["rows"] if r["objective"] == "gradnorm"]
+    # the compiled programs do more work than a plain step (FLOPs are deterministic)
+    assert all(r["flop_ratio"] > 1.5 for r in pgd + gn)
+    json.dumps(common._jsonable(res))
+
+
+def test_sweep_benchmark_rows_are_sane():
+    res = bench_sweep.run(("mlp",), ks=(1, 2), strategies=("vmap", "loop"), sizes=TINY_SWEEP, repeats=1)
+    assert {(r["k"], r["strategy"]) for r in res["rows"]} == {(1, "vmap"), (1, "loop"), (2, "vmap"), (2, "loop")}
+    for r in res["rows"]:
+        assert r["model_steps_per_s"] > 0 and math.isfinite(r["scaling_vs_k1"]) and r["vs_loop"] > 0
+        assert r["fastest"] in ("vmap", "loop") and r["auto_choice"] in ("vmap", "loop", "sharded")
+    assert [r["scaling_vs_k1"] for r in res["rows"] if r["k"] == 1] == [1.0, 1.0]
+
+
+def test_json_is_written_atomically_and_loads(tmp_path):
+    path = tmp_path / "sub" / "x.json"
+    common.write_json(str(path), {"a": 1.5, "nan": float("nan"), "machine": common.machine_description()})
+    assert os.listdir(path.parent) == ["x.json"]  # no temp file left behind
+    data = json.loads(path.read_text())
+    assert data["a"] == 1.5 and data["nan"] is None and data["machine"]["cpu_count"] >= 1
+
+
+def test_table_and_run_all_commands():
+    table = common.format_table(["a", "b"], [["x", 1.23456], ["yy", None]])
+    assert "1.235" in table and "-" in table.splitlines()[-1]
+    assert run_all.command("sweep", True, 4)[-4:] == ["benchmarks.bench_sweep", "--quick", "--fake-devices", "4"]
+    assert "--fake-devices" not in run_all.command("step", True, 4)
