@@ -101,8 +101,12 @@ def _sweep_config_from_json(settings: dict):
     s["strengths"] = {m: tuple(v) for m, v in s["strengths"].items()}
     s["optimizer"] = OptimizerConfig(**tup(s["optimizer"]))
     s["measure"] = MeasureConfig(**tup(s["measure"]))
-    known = {f.name for f in dataclasses.fields(SweepConfig)}
-    return SweepConfig(**{k: v for k, v in s.items() if k in known})
+    fields = {f.name: f for f in dataclasses.fields(SweepConfig)}
+    for name, f in fields.items():  # other nested settings dataclasses (e.g. learned-geometry settings)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if name in s and isinstance(s[name], dict) and dataclasses.is_dataclass(default):
+            s[name] = type(default)(**tup(s[name]))
+    return SweepConfig(**{k: v for k, v in s.items() if k in fields})
 
 
 def _restore_method(config, method: str, data, sweep_dir: str):

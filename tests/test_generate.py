@@ -250,8 +250,8 @@ def test_command_small_run(tmp_path):
     from experiments import generate as cmd
 
     out = str(tmp_path / "gen")
-    rc = cmd.main(["--out", out, "--steps", "20", "--n-train", "512", "--num-examples", "8", "--grid", "4",
-                   "--gen-steps", "3", "--denoise-steps", "2", "--inpaint-steps", "3", "--no-progress"])
+    rc = cmd.main(["--out", out, "--steps", "5", "--n-train", "256", "--num-examples", "8", "--grid", "4",
+                   "--gen-steps", "2", "--denoise-steps", "1", "--inpaint-steps", "2", "--no-progress"])
     assert rc == 0
     for f in ("generation.png", "denoising.png", "inpainting.png", "generate_results.csv", "config.json"):
         assert os.path.getsize(os.path.join(out, f)) > 0
