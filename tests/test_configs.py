@@ -1,0 +1,60 @@
+"""The paper-recipe configs: their settings are the paper's, and --smoke runs end to end."""
+import csv
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from experiments import run_config
+from pagjax import training
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10_*.py")))
+
+
+def test_every_config_states_how_to_run_hardware_result_and_cost():
+    assert len(CONFIGS) == 4
+    for path in CONFIGS:
+        head = open(path).read().split('"""')[1]
+        for word in ("Run:", "Smoke:", "Hardware:", "Expect:", "Cost:", "hours"):
+            assert word in head, (path, word)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_full_configs_hold_the_paper_settings(path):
+    cfg = run_config.load_config(path, smoke=False)
+    (method,) = cfg.methods
+    grid = np.asarray(cfg.strengths[method])
+    lo, hi = {"gradnorm": (-5, 2), "smoothness": (-4, 4), "noise": (-3, 2), "pgd": (-5, 4)}[method]
+    np.testing.assert_allclose(grid, np.logspace(lo, hi, 30))
+    assert cfg.dataset == "cifar10" and cfg.model == "resnet18" and cfg.batch_size == 128
+    assert cfg.steps == 200 * (50_000 // 128) and cfg.optimizer == training.PAPER_SGD
+    assert cfg.augment == "crop_flip" and cfg.official and cfg.pgd_steps == 10
+    m = cfg.measure
+    assert m.eps == (1.44, 2.64, 4.83, 8.86) and m.regime_eps == 2.64 and m.num_eval == 201 and m.align_noise == 0.5
+    assert cfg.learned.ae_latent == 128
+    # the schedule drops the lr at epochs 150 and 175
+    opt = training.make_optimizer(cfg.optimizer, cfg.steps)
+    assert opt is not None and cfg.optimizer.boundaries == (0.75, 0.875)
+    smoke = run_config.load_config(path, smoke=True)
+    smoke.validate()
+    assert smoke.methods == cfg.methods and smoke.model.startswith("resnet18") and smoke.augment == "crop_flip"
+    assert smoke.dataset == "digits" and set(smoke.strengths[method]) <= set(grid)
+
+
+def test_smoke_run_writes_the_sweep_outputs(tmp_path):
+    path = [p for p in CONFIGS if p.endswith("cifar10_noise.py")][0]
+    out = str(tmp_path / "smoke")
+    assert run_config.main([path, "--smoke", "--out", out]) == 0
+    for f in ("results.csv", "figure3.png", "gradients_noise.png", "config.json", "learned/tangent_basis.npz"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    assert len(rows) == 3 and all(r["on_change@2.64"] != "" for r in rows)
+    assert all(r["bayes_cosine"] == "" and r["learned_bayes_cosine"] != "" for r in rows)
+
+
+def test_missing_cifar10_fails_fast(tmp_path, capsys):
+    path = [p for p in CONFIGS if p.endswith("cifar10_noise.py")][0]
+    assert run_config.main([path, "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "python -m pagjax.data download cifar10" in capsys.readouterr().err
+    assert run_config.main([str(tmp_path / "nope.py")]) == 2
