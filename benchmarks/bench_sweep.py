@@ -35,7 +35,7 @@ FULL = {
 }
 QUICK = {
     "mlp": dict(FULL["mlp"], steps=10),
-    "cnn": dict(FULL["cnn"], width=16, batch=32, steps=4),
+    "cnn": dict(FULL["cnn"], width=8, batch=16, steps=2),
 }
 
 
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     res = run(tuple(filter(None, args.models.split(","))), tuple(int(v) for v in args.k.split(",")),
               tuple(filter(None, args.strategies.split(","))), method=args.method, quick=args.quick,
               batch_size=args.batch_size, width=args.width, steps=args.steps,
-              repeats=args.repeats or 3)
+              repeats=args.repeats or (2 if args.quick else 3))
     res["wall_s"] = time.perf_counter() - t0
     print_table(res)
     print(f"wall {res['wall_s']:.1f} s")
