@@ -101,6 +101,7 @@ def l2_pgd(
     ball: str = "per_example",
     start: str = "uniform_ball",
     box: tuple[float, float] | None = None,
+    unroll: bool | int | None = None,
 ) -> Array:
     """L2 PGD maximising ``sum(loss_fn(x + delta))``; returns the perturbation delta.
 
@@ -114,6 +115,9 @@ def l2_pgd(
       ball: ``"per_example"`` or ``"whole_batch"`` (see module docstring).
       start: ``"uniform_ball"``, ``"positive_uniform"`` or ``"zero"``.
       box: optional (low, high) bounds on x + delta, e.g. (0., 1.).
+      unroll: `lax.fori_loop` unrolling (same result). Default: fully unrolled on CPU,
+        where a conv net's forward/backward inside a while loop ran several times slower
+        than unrolled (benchmarks/bench_step.py), and not unrolled elsewhere.
 
     The result is wrapped in `stop_gradient`: training differentiates the loss at the
     attack point, not through the attack (Danskin's theorem).
@@ -135,5 +139,7 @@ def l2_pgd(
         return project_box(x, project_l2_ball(delta, eps, ball), box)
 
     delta0 = project_box(x, init_delta(key, x, eps, start, ball), box)
-    delta = jax.lax.fori_loop(0, num_steps, body, delta0)
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+    delta = jax.lax.fori_loop(0, num_steps, body, delta0, unroll=unroll)
     return jax.lax.stop_gradient(delta)

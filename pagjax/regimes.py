@@ -5,13 +5,15 @@ Along a sweep of increasing robustness strength:
 1. ``weak``: the off-manifold change exceeds the on-manifold change (off/on > 1);
 2. ``bayes_aligned``: from the crossover (off/on <= 1) on, while the model keeps its
    on-manifold sensitivity and its accuracy;
-3. ``excessive``: from the first strength past the crossover where the on-manifold change
-   has fallen below ``on_collapse`` times its peak (default: half), or the accuracy has
+3. ``excessive``: from the first strength past the peak of the on-manifold change where it
+   has fallen below ``on_collapse`` times that peak (default: half), or the accuracy has
    fallen more than ``accuracy_collapse`` of the way from its Bayes-aligned level to
    chance (default: half way). Once excessive, stronger settings stay excessive.
 
-The peak on-manifold change and the Bayes-aligned accuracy are taken over the points at
-or after the crossover. All inputs are curves over strengths (means over seeds).
+The peak is taken over the points at or after the crossover, and the Bayes-aligned
+accuracy is the accuracy at that peak. The on-manifold change often keeps rising after
+the crossover; until its peak nothing is excessive. All inputs are curves over strengths
+(means over seeds).
 """
 from __future__ import annotations
 
@@ -98,13 +100,14 @@ def label_regimes(
                             math.nan, math.nan, tuple(reasons))
     c = int(below[0])
     crossover = float(s[0]) if c == 0 else _interpolate_crossover(s[c - 1], s[c], ratio[c - 1], ratio[c])
-    peak_on = float(on[c:].max())
-    aligned_acc = float(acc[c:][np.argmax(on[c:])])
+    peak = c + int(np.argmax(on[c:]))
+    peak_on = float(on[peak])
+    aligned_acc = float(acc[peak])
     on_thr = on_collapse * peak_on
     acc_thr = aligned_acc - accuracy_collapse * (aligned_acc - chance)
     excessive = False
     for i in range(c, s.size):
-        if not excessive and (on[i] < on_thr or acc[i] < acc_thr):
+        if not excessive and i > peak and (on[i] < on_thr or acc[i] < acc_thr):
             excessive = True
         if excessive:
             labels[i] = EXCESSIVE

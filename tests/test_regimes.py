@@ -40,6 +40,17 @@ def test_accuracy_collapse_alone_marks_excessive():
     assert "accuracy 0.4" in r.reasons[-1]
 
 
+def test_on_change_still_rising_after_the_crossover_is_not_excessive():
+    """Off/on < 1 while on-change is far below its later peak: Bayes-aligned, not excessive."""
+    s = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    on = [0.02, 0.05, 0.2, 0.15, 0.01]
+    off = [0.08, 0.04, 0.03, 0.01, 0.001]
+    acc = [0.99, 0.98, 0.9, 0.8, 0.4]
+    r = label_regimes(s, on, off, acc, chance=0.25)
+    assert r.labels == (WEAK, ALIGNED, ALIGNED, ALIGNED, EXCESSIVE)
+    assert r.peak_on_change == 0.2 and r.aligned_accuracy == 0.9
+
+
 def test_excessive_is_absorbing():
     r = label_regimes([1, 2, 3, 4], [0.5, 0.5, 0.1, 0.5], [0.1, 0.1, 0.01, 0.1], [0.9] * 4)
     assert r.labels == (ALIGNED, ALIGNED, EXCESSIVE, EXCESSIVE)

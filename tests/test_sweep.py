@@ -40,6 +40,20 @@ def test_every_strategy_trains_each_model_as_train_would_alone():
                                         custom_message=f"{strategy} model {i}")
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_host_and_device_step_loops_train_the_same_models(strategy):
+    device = _train(strategy, [0.0, 0.3], [0, 1], steps=20, step_loop="device")
+    host = _train(strategy, [0.0, 0.3], [0, 1], steps=20, step_loop="host")
+    chex.assert_trees_all_close(device.train.params, host.train.params, rtol=2e-5, atol=2e-6)
+    assert np.asarray(host.train.step).tolist() == [20, 20]
+
+
+def test_conv_nets_on_cpu_loop_steps_on_the_host():
+    assert sweep.choose_step_loop(models.build_model("cnn", 2), backend="cpu") == "host"
+    assert sweep.choose_step_loop(MODEL, backend="cpu") == "device"
+    assert sweep.choose_step_loop(models.build_model("resnet18", 2), backend="gpu") == "device"
+
+
 def test_sharded_strategy_spreads_models_over_all_devices():
     state = _train("sharded", [0.0, 0.1, 0.2, 0.3, 0.4], [0, 1, 2, 3, 4], steps=10)
     assert len(jax.devices()) == NUM_FAKE_DEVICES
