@@ -193,8 +193,8 @@ def generator_jacobian(
     linearised generator, vmapped over latent directions and over the batch.
 
     ``direction_chunk`` / ``example_chunk`` bound the working set: JVPs are pushed
-    ``direction_chunk`` directions at a time (``lax.map``), for ``example_chunk`` examples
-    at a time. None (default) vmaps everything at once (best on accelerators); on CPU
+    ``direction_chunk`` directions at a time (chunks unrolled in the trace), for
+    ``example_chunk`` examples at a time (``lax.map``). None (default) vmaps everything at once (best on accelerators); on CPU
     cache-sized chunks (e.g. 32 directions, 1 example for a 32x32x3 conv decoder) are
     several times faster.
     """
@@ -214,7 +214,10 @@ def generator_jacobian(
         if direction_chunk is None or direction_chunk >= m:
             cols = jax.vmap(lin)(eye)  # (m, d)
         else:
-            cols = jax.lax.map(lin, eye, batch_size=direction_chunk)
+            # Chunks unrolled in the trace, not a `lax.map` loop: XLA:CPU ran conv
+            # JVPs inside a while loop markedly slower (see `pagjax.sweep.choose_step_loop`).
+            cols = jnp.concatenate([jax.vmap(lin)(eye[i:i + direction_chunk])
+                                    for i in range(0, m, direction_chunk)])
         return cols.T
 
     if example_chunk is None:
