@@ -13,7 +13,6 @@ Conventions (shared with `benchmarks.bench_manifold`):
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pagjax import io as io_lib
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -180,28 +181,10 @@ def default_json_path(name: str) -> str:
     return os.path.join(RESULTS_DIR, f"{name}.json")
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def write_json(path: str, data: dict) -> str:
-    """Write `data` as JSON atomically (temp file in the same folder, then `os.replace`)."""
+    """Write `data` as JSON atomically (`pagjax.io.write_json`); returns the absolute path."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(data), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    io_lib.write_json(path, data)
     return path
 
 

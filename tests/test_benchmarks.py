@@ -28,7 +28,7 @@ def test_time_fn_reports_a_median_between_min_and_max():
     assert t["min_s"] <= t["median_s"] <= t["max_s"] and t["repeats"] == 3
 
 
-def test_step_benchmark_rows_are_sane():
+def test_step_benchmark_rows_are_sane(tmp_path):
     res = bench_step.run(("mlp",), sizes=TINY_STEP, k=2, repeats=1, peak_n=64)
     assert res["matmul_peak"]["flop_per_s"] > 0
     assert len(res["rows"]) == len(bench_step.OBJECTIVES)
@@ -43,7 +43,8 @@ def test_step_benchmark_rows_are_sane():
     gn = [r for r in res["rows"] if r["objective"] == "gradnorm"]
     # the compiled programs do more work than a plain step (FLOPs are deterministic)
     assert all(r["flop_ratio"] > 1.5 for r in pgd + gn)
-    json.dumps(common._jsonable(res))
+    path = common.write_json(str(tmp_path / "step.json"), res)
+    assert json.load(open(path))["rows"][0]["objective"] == res["rows"][0]["objective"]
 
 
 def test_sweep_benchmark_rows_are_sane():
