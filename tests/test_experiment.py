@@ -14,10 +14,13 @@ from pagjax.measure import MeasureConfig
 from pagjax.training import OptimizerConfig
 
 # A faster cousin of the default run: one method, three strengths, one seed, a smaller
-# MLP; the class-informative normal feature is larger (0.3) so it is learned in 600 steps.
+# MLP. The class-informative normal feature is larger (0.3) and the on-manifold classes
+# overlap more (separation 0.6), so the weak model leans on the off-manifold feature
+# within 600 steps: off/on is about 16 at the weakest strength (about 1.1 without the
+# smaller separation, too close to 1 to test reliably).
 PHYSICS = SweepConfig(
     methods=("noise",), strengths={"noise": (0.01, 0.3, 3.0)}, seeds=(0,),
-    dataset_kwargs={"normal_offset": 0.3}, n_train=2048, n_test=512, model="mlp:width=128", steps=600,
+    dataset_kwargs={"normal_offset": 0.3, "class_separation": 0.6}, n_train=2048, n_test=512, model="mlp:width=128", steps=600,
     optimizer=OptimizerConfig(learning_rate=3e-3), measure=MeasureConfig(num_eval=128, num_directions=2, lpips=False),
 )
 TINY = SweepConfig(
@@ -42,7 +45,7 @@ def test_known_manifold_sweep_shows_weak_then_aligned_then_excessive(physics_run
     on, off, frac, cos, acc = v("on_change"), v("off_change"), v("grad_on_manifold_fraction"), v("bayes_cosine"), v("accuracy")
     bayes_frac = v("bayes_fraction")[0]
     # weakest: off-manifold change above on-manifold, gradient far less on-manifold than Bayes
-    assert off[0] > on[0]
+    assert off[0] > 3 * on[0]
     assert frac[0] < bayes_frac - 0.2
     # stronger: the off/on ratio falls below 1; fraction and Bayes alignment rise to a peak
     assert np.min(off / on) < 1.0
