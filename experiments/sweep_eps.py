@@ -22,10 +22,19 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default unless it is None or the help text already states it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from pagjax.experiment import DEFAULT_STRENGTHS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/sweep_eps", help="output folder (results.csv, figures, checkpoints)")
     p.add_argument("--methods", default=",".join(DEFAULT_STRENGTHS), help="comma-separated methods: gradnorm, smoothness, noise, pgd, ce")
     p.add_argument("--strengths", default=None, help="comma-separated strengths for every chosen method (default: per-method grids)")
