@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace results made with other settings")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from pagjax.experiment import SettingsMismatchError, run_sweep
+    from experiments.sweep_eps import run_and_report
 
     try:
         config = load_config(args.config, args.smoke)
@@ -60,12 +60,7 @@ def main(argv=None) -> int:
         return 2
     name = os.path.splitext(os.path.basename(args.config))[0]
     out = args.out or os.path.join("runs", name + ("_smoke" if args.smoke else ""))
-    try:
-        run_sweep(config, out, overwrite=args.overwrite, progress=not (args.no_progress or args.smoke))
-    except SettingsMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_and_report(config, out, overwrite=args.overwrite, progress=not (args.no_progress or args.smoke))
 
 
 if __name__ == "__main__":

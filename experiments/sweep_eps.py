@@ -116,22 +116,27 @@ def config_from_args(args: argparse.Namespace):
                        strategy=args.strategy, augment=args.augment, **extra)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:
+    """Run a sweep for a command line: exit status 2 with the message on a settings mismatch."""
     from pagjax.experiment import SettingsMismatchError, run_sweep
 
+    try:
+        run_sweep(config, out, overwrite=overwrite, progress=progress)
+    except SettingsMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         config = config_from_args(args)
         config.validate()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        run_sweep(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
-    except SettingsMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_and_report(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def choose_step_loop(model: models_lib.Model, backend: str | None = None) -> str
 def init_sweep_state(model, optimizer, strengths, seeds, sample_x) -> SweepState:
     """Initial states of all models; model k starts as `train.train` with seed k would."""
     def one(seed):
-        init_key, data_key, step_key = jax.random.split(jax.random.key(seed), 3)
+        init_key, data_key, step_key = train_lib.seed_keys(seed)
         state = train_lib.create_train_state(model, optimizer, init_key, sample_x)
         return state, data_key, step_key
 

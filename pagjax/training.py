@@ -171,6 +171,16 @@ def batch_indices(key: Array, step, num_examples: int, batch_size: int) -> Array
     return jax.lax.dynamic_slice_in_dim(perm, offset * batch_size, batch_size)
 
 
+def seed_keys(seed: int) -> tuple[Array, Array, Array]:
+    """(init_key, data_key, step_key) of a model trained with `seed`.
+
+    `train` and the sweep engine (`pagjax.sweep`) both derive their keys here, so a model
+    of a sweep is exactly the model `train` gives for the same seed.
+    """
+    init_key, data_key, step_key = jax.random.split(jax.random.key(seed), 3)
+    return init_key, data_key, step_key
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One model's training run (the fields a sweep varies are `method`, `strength`, `seed`)."""
@@ -238,8 +248,7 @@ def train(
     model = models_lib.build_model(config.model, num_classes)
     objective = objectives_lib.make_objective(config.method, config.objective_options())
     optimizer = make_optimizer(config.optimizer, config.steps)
-    key = jax.random.key(config.seed)
-    init_key, data_key, step_key = jax.random.split(key, 3)
+    init_key, data_key, step_key = seed_keys(config.seed)
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     state = create_train_state(model, optimizer, init_key, x_train[: config.batch_size])
     step_fn = make_train_step(model, objective, optimizer).jitted

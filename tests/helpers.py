@@ -23,3 +23,11 @@ def random_batch(seed, batch, shape=(4, 4, 1), k=3):
     x = rng.uniform(size=(batch, *shape)).astype(np.float32)
     y = rng.integers(0, k, size=batch).astype(np.int32)
     return jnp.asarray(x), jnp.asarray(y)
+
+
+def toy_task(n=256, seed=0):
+    """A 2-class task on 4x4 images: is the top half brighter than the bottom half?"""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, 4, 4, 1)).astype(np.float32)
+    y = (x.reshape(n, -1)[:, :8].mean(1) > x.reshape(n, -1)[:, 8:].mean(1)).astype(np.int32)
+    return x, y

@@ -5,14 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import NUM_FAKE_DEVICES
+from helpers import toy_task
 from pagjax import models, objectives, sweep, training
-
-
-def _toy(n=256, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(n, 4, 4, 1)).astype(np.float32)
-    y = (x.reshape(n, -1)[:, :8].mean(1) > x.reshape(n, -1)[:, 8:].mean(1)).astype(np.int32)
-    return x, y
 
 
 MODEL = models.build_model("mlp:width=16", 2)
@@ -20,7 +14,7 @@ OPT_CFG = training.OptimizerConfig(learning_rate=1e-2)
 
 
 def _train(strategy, strengths, seeds, method="noise", steps=30, **kw):
-    x, y = _toy()
+    x, y = toy_task()
     opt = training.make_optimizer(OPT_CFG, steps)
     obj = objectives.make_objective(method, pgd_steps=2)
     return sweep.train_models(MODEL, obj, opt, x, y, strengths, seeds, steps=steps, batch_size=32,
@@ -29,7 +23,7 @@ def _train(strategy, strengths, seeds, method="noise", steps=30, **kw):
 
 def test_every_strategy_trains_each_model_as_train_would_alone():
     strengths, seeds = [0.0, 0.1, 0.3], [0, 1, 2]
-    x, y = _toy()
+    x, y = toy_task()
     results = {s: _train(s, strengths, seeds) for s in ("vmap", "loop", "sharded")}
     for i, (strength, seed) in enumerate(zip(strengths, seeds)):
         alone = training.train(

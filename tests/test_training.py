@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from conftest import NUM_FAKE_DEVICES
+from helpers import toy_task
 from pagjax import devices
 from pagjax.models import build_model
 from pagjax.objectives import make_objective
@@ -21,17 +22,10 @@ from pagjax.training import (
 )
 
 
-def _toy_data(n=256, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(n, 4, 4, 1)).astype(np.float32)
-    y = (x.reshape(n, -1)[:, :8].mean(1) > x.reshape(n, -1)[:, 8:].mean(1)).astype(np.int32)
-    return x, y
-
-
 def _state_and_step(method="gradnorm", model_name="mlp:width=16", opt=OptimizerConfig(), pgd_steps=2):
     model = build_model(model_name, 2)
     optimizer = make_optimizer(opt, 100)
-    x, y = _toy_data(32)
+    x, y = toy_task(32)
     state = create_train_state(model, optimizer, jax.random.key(0), jnp.asarray(x))
     update = make_update_fn(model, make_objective(method, pgd_steps=pgd_steps), optimizer)
     return state, update, jnp.asarray(x), jnp.asarray(y)
@@ -98,7 +92,7 @@ def test_batch_norm_statistics_are_threaded_through_training():
 
 
 def test_train_learns_a_simple_task_with_every_method():
-    x, y = _toy_data(512)
+    x, y = toy_task(512)
     for method, strength in [("ce", 0.0), ("gradnorm", 0.01), ("smoothness", 0.1), ("noise", 0.05), ("pgd", 0.1)]:
         cfg = TrainConfig(model="mlp:width=32", method=method, strength=strength, steps=150, batch_size=64, pgd_steps=2,
                           optimizer=OptimizerConfig(learning_rate=3e-3))
@@ -109,7 +103,7 @@ def test_train_learns_a_simple_task_with_every_method():
 
 
 def test_train_reports_divergence():
-    x, y = _toy_data(128)
+    x, y = toy_task(128)
     cfg = TrainConfig(model="mlp:width=16", method="ce", steps=50, batch_size=32,
                       optimizer=OptimizerConfig(name="sgd", learning_rate=1e30))
     result = train(cfg, x * 1e10, y, num_classes=2, progress=False, log_every=1)
@@ -149,14 +143,14 @@ def test_batch_indices_are_epoch_permutations_and_pure():
     ],
 )
 def test_train_rejects_bad_configs_before_compiling(change, match):
-    x, y = _toy_data(64)
+    x, y = toy_task(64)
     cfg = TrainConfig(**{"model": "mlp:width=8", "steps": 5, "batch_size": 16, **change})
     with pytest.raises(ValueError, match=match):
         train(cfg, x, y, num_classes=2, progress=False)
 
 
 def test_train_rejects_bad_arrays():
-    x, y = _toy_data(64)
+    x, y = toy_task(64)
     cfg = TrainConfig(model="mlp:width=8", steps=5, batch_size=16)
     with pytest.raises(ValueError, match="y must lie in"):
         train(cfg, x, y + 5, num_classes=2, progress=False)
