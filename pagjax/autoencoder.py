@@ -240,8 +240,8 @@ def learned_tangent_basis(ae_params, x: Array, *, model: Autoencoder | None = No
 def _learned_basis(model, params, x, rank_tol, method, direction_chunk, example_chunk):
     z = model.apply(params, x, method=Autoencoder.encode)
     gen = lambda zz: model.apply(params, zz, method=Autoencoder.decode)  # noqa: E731
-    jac = geometry.generator_jacobian(gen, z, direction_chunk=direction_chunk, example_chunk=example_chunk)
-    return geometry.orthonormalize(jac, rank_tol=rank_tol, method=method)
+    rows = geometry._jacobian_rows(gen, z, direction_chunk, example_chunk)
+    return geometry._orthonormalize_rows(rows, rank_tol, method)
 
 
 # --------------------------------------------------------------------------- checkpoints

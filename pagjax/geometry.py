@@ -129,25 +129,39 @@ def _gram_basis(jac, rank_tol):
 
 
 def _cholesky_basis(jac, rank_tol):
-    m = jac.shape[-1]
-    eye = jnp.eye(m, dtype=jac.dtype)
+    return _cholesky_basis_rows(jnp.swapaxes(jac, -1, -2), rank_tol)
 
-    def chol_pass(a, shift):
-        gram = jnp.swapaxes(a, -1, -2) @ a
+
+def _cholesky_basis_rows(rows, rank_tol):
+    """Shifted CholeskyQR2 of the Jacobian given as its transpose ``rows`` (n, m, d).
+
+    The row layout is the one the JVPs produce (one row per latent direction); working in
+    it and writing the (n, d, m) basis only in the last product saves a transpose of the
+    big array (about 10% of a CIFAR-sized tangent space on CPU).
+    """
+    m = rows.shape[-2]
+    eye = jnp.eye(m, dtype=rows.dtype)
+
+    def chol_inv(a, shift):
+        """(R^-1, diag R, scale) with R R^T = a a^T + shift * scale * I, a (n, m, d)."""
+        gram = a @ jnp.swapaxes(a, -1, -2)
         scale = jnp.trace(gram, axis1=-2, axis2=-1)[:, None, None] / m
-        r = jnp.linalg.cholesky(gram + shift * jnp.maximum(scale, 1e-30) * eye)  # lower, G = L L^T
+        r = jnp.linalg.cholesky(gram + shift * jnp.maximum(scale, 1e-30) * eye)  # lower
         r_inv = jax.scipy.linalg.solve_triangular(r, jnp.broadcast_to(eye, r.shape), lower=True)
-        return a @ jnp.swapaxes(r_inv, -1, -2), jnp.diagonal(r, axis1=-2, axis2=-1), scale[:, :, 0]
+        return r_inv, jnp.diagonal(r, axis1=-2, axis2=-1), scale[:, :, 0]
 
     shift = 1e-5
-    q, diag, scale = chol_pass(jac, shift)  # shifted CholeskyQR: no breakdown in float32
+    r_inv, diag, scale = chol_inv(rows, shift)  # shifted CholeskyQR: no breakdown in float32
     tol = max(rank_tol, GRAM_MIN_TOL)
     # a column inside the span of the previous ones has diag^2 ~ shift * scale
     floor = jnp.maximum(tol**2 * jnp.max(diag, axis=-1, keepdims=True) ** 2, 4 * shift * scale)
     keep = diag**2 > floor
-    q = q * keep[:, None, :].astype(q.dtype)
-    q, _, _ = chol_pass(q, 1e-7)
-    return q * keep[:, None, :].astype(q.dtype), keep
+    mask = keep.astype(rows.dtype)
+    # Dropped directions are zeroed in the small (m, m) factors, not in the big arrays.
+    q_rows = (r_inv * mask[:, :, None]) @ rows  # (n, m, d): Q^T of the first pass
+    r_inv2, _, _ = chol_inv(q_rows, 1e-7)
+    basis = jnp.swapaxes(q_rows, -1, -2) @ (jnp.swapaxes(r_inv2, -1, -2) * mask[:, None, :])
+    return basis, keep
 
 
 def orthonormalize(jac: Array, *, rank_tol: float = 1e-6, method: str = "svd") -> TangentBasis:
@@ -179,6 +193,14 @@ def orthonormalize(jac: Array, *, rank_tol: float = 1e-6, method: str = "svd") -
     return TangentBasis(basis=basis, rank=jnp.sum(keep, axis=-1).astype(jnp.int32))
 
 
+def _orthonormalize_rows(rows: Array, rank_tol: float, method: str) -> TangentBasis:
+    """`orthonormalize` of ``swapaxes(rows, 1, 2)``, from the JVPs' (n, m, d) layout."""
+    if method == "cholesky" and rows.shape[1] <= rows.shape[2]:
+        basis, keep = _cholesky_basis_rows(rows, rank_tol)
+        return TangentBasis(basis=basis, rank=jnp.sum(keep, axis=-1).astype(jnp.int32))
+    return orthonormalize(jnp.swapaxes(rows, 1, 2), rank_tol=rank_tol, method=method)
+
+
 def generator_jacobian(
     generator: Callable[[Array], Array],
     z: Array,
@@ -199,11 +221,16 @@ def generator_jacobian(
     several times faster.
     """
     validation.check_images("z", z, ranks=(2,))
-    m = z.shape[1]
     if direction_chunk is not None:
         validation.check_positive_int("direction_chunk", direction_chunk)
     if example_chunk is not None:
         validation.check_positive_int("example_chunk", example_chunk)
+    return jnp.swapaxes(_jacobian_rows(generator, z, direction_chunk, example_chunk), 1, 2)
+
+
+def _jacobian_rows(generator, z, direction_chunk, example_chunk) -> Array:
+    """Transposed Jacobians (n, m, d): row j is the JVP along latent direction j."""
+    m = z.shape[1]
 
     def single(zi):
         return jnp.reshape(generator(zi[None])[0], (-1,))
@@ -218,7 +245,7 @@ def generator_jacobian(
             # JVPs inside a while loop markedly slower (see `pagjax.sweep.choose_step_loop`).
             cols = jnp.concatenate([jax.vmap(lin)(eye[i:i + direction_chunk])
                                     for i in range(0, m, direction_chunk)])
-        return cols.T
+        return cols
 
     if example_chunk is None:
         return jax.vmap(jac_one)(z)
@@ -257,8 +284,8 @@ def tangent_basis_from_generator(
 
 
 def _tangent_basis_impl(generator, z, rank_tol, method, direction_chunk, example_chunk):
-    jac = generator_jacobian(generator, z, direction_chunk=direction_chunk, example_chunk=example_chunk)
-    return orthonormalize(jac, rank_tol=rank_tol, method=method)
+    rows = _jacobian_rows(generator, z, direction_chunk, example_chunk)
+    return _orthonormalize_rows(rows, rank_tol, method)
 
 
 _tangent_basis_jit = jax.jit(_tangent_basis_impl, static_argnums=(0, 2, 3, 4, 5))

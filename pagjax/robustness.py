@@ -86,17 +86,28 @@ def _hashable(obj) -> bool:
 # --------------------------------------------------------------------------- directions
 
 
-def manifold_directions(key: Array, basis, n: int, num_directions: int = 1) -> tuple[Array, Array]:
+class ManifoldDirections(NamedTuple):
+    """Unit tangent and unit normal directions, each (n, R, d) (R per example)."""
+
+    tangent: Array
+    normal: Array
+
+
+def manifold_directions(key: Array, basis, n: int, num_directions: int = 1) -> ManifoldDirections:
     """Random unit tangent and unit normal directions, each of shape (n, R, d).
 
     Draws ``n ~ N(0, I_d)`` (R per example), splits it into ``P n`` and ``(I - P) n`` and
     scales each part to unit L2 norm (a zero part, e.g. for rank 0, stays zero).
+
+    The directions depend on the data's geometry only, not on a model: draw them once and
+    pass them to `on_off_change` for every model (the projections read the whole basis,
+    (n, d, k) for per-image bases, which costs about half a CNN measurement on CPU).
     """
     basis = geometry._basis_array(basis)
     geometry.check_basis("basis", basis, n=n)
     validation.check_positive_int("n", n)
     validation.check_positive_int("num_directions", num_directions)
-    return _directions(key, basis, n, num_directions)
+    return ManifoldDirections(*_directions_jit(key, basis, n, num_directions))
 
 
 def _directions(key, basis, n, num_directions):
@@ -115,6 +126,9 @@ def _directions(key, basis, n, num_directions):
         return numerics.safe_ratio(v, norm)
 
     return unit(tangent), unit(normal)
+
+
+_directions_jit = jax.jit(_directions, static_argnums=(2, 3))
 
 
 # --------------------------------------------------------------------------- softmax change
@@ -138,14 +152,17 @@ def _softmax_change(apply_fn, params, x, directions, eps, batch_size):
     n, r = directions.shape[:2]
     e = eps.shape[0]
     img = x.shape[1:]
-    logits0 = apply_fn(params, x)
-    if logits0.ndim != 2 or logits0.shape[0] != n:
-        raise ValueError(f"apply_fn must return logits of shape (batch, classes), got {logits0.shape}")
-    p0 = jax.nn.softmax(logits0.astype(jnp.float32), axis=-1)  # (n, K)
     flat = x.reshape((n, 1, 1, -1))
     pert = flat + eps[None, :, None, None] * directions[:, None, :, :]  # (n, E, R, d)
-    logits = _apply_chunked(apply_fn, params, pert.reshape((n * e * r,) + img), batch_size)
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape((n, e, r, -1))
+    # Clean and perturbed inputs go through the model in one call: one big batch uses
+    # the CPU's cores better than two (XLA:CPU parallelises large batches only).
+    both = jnp.concatenate([x.reshape((n,) + img), pert.reshape((n * e * r,) + img)])
+    logits = _apply_chunked(apply_fn, params, both, batch_size)
+    if logits.ndim != 2 or logits.shape[0] != n * (1 + e * r):
+        raise ValueError(f"apply_fn must return logits of shape (batch, classes), got {logits.shape}")
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    p0 = probs[:n]  # (n, K)
+    p = probs[n:].reshape((n, e, r, -1))
     diff = p - p0[:, None, None, :]
     l1 = jnp.sum(jnp.abs(diff), axis=-1)
     l2 = numerics.safe_norm(diff, axis=-1)
@@ -189,11 +206,14 @@ def _jit_softmax_change(apply_fn, params, x, directions, eps, batch_size):
 
 
 def _on_off_impl(apply_fn, params, x, basis, eps, key, num_directions, batch_size):
-    n = x.shape[0]
-    tangent, normal = _directions(key, basis.astype(x.dtype), n, num_directions)
-    dirs = jnp.concatenate([tangent, normal], axis=1)  # (n, 2R, d)
+    tangent, normal = _directions(key, basis.astype(x.dtype), x.shape[0], num_directions)
+    return _change_impl(apply_fn, params, x, tangent, normal, eps, batch_size)
+
+
+def _change_impl(apply_fn, params, x, tangent, normal, eps, batch_size):
+    dirs = jnp.concatenate([tangent, normal], axis=1).astype(x.dtype)  # (n, 2R, d)
     l1, l2 = _softmax_change(apply_fn, params, x, dirs, eps, batch_size)
-    r = num_directions
+    r = tangent.shape[1]
     on_l1, off_l1 = l1[..., :r].mean(-1), l1[..., r:].mean(-1)
     on_l2, off_l2 = l2[..., :r].mean(-1), l2[..., r:].mean(-1)
     m_on1, m_off1, m_on2, m_off2 = (a.mean(0) for a in (on_l1, off_l1, on_l2, off_l2))
@@ -207,6 +227,14 @@ def _on_off_impl(apply_fn, params, x, basis, eps, key, num_directions, batch_siz
 
 
 _on_off_jit = jax.jit(_on_off_impl, static_argnames=("apply_fn", "num_directions", "batch_size"))
+_change_jit = jax.jit(_change_impl, static_argnames=("apply_fn", "batch_size"))
+
+
+def _call(jitted, impl, apply_fn, static: dict, *args):
+    """A jitted impl with apply_fn static; unhashable apply_fns get a one-off jit."""
+    if _hashable(apply_fn):
+        return jitted(apply_fn, *args, **static)
+    return jax.jit(partial(impl, apply_fn, **static))(*args)
 
 
 def on_off_manifold_change(
@@ -243,10 +271,48 @@ def on_off_manifold_change(
     validation.check_positive_int("num_directions", num_directions)
     if batch_size is not None:
         validation.check_positive_int("batch_size", batch_size)
-    if _hashable(apply_fn):
-        return _on_off_jit(apply_fn, params, x, basis, eps_arr, key, num_directions, batch_size)
-    fn = jax.jit(partial(_on_off_impl, apply_fn, num_directions=num_directions, batch_size=batch_size))
-    return fn(params, x, basis, eps_arr, key)
+    return _call(_on_off_jit, _on_off_impl, apply_fn, dict(num_directions=num_directions, batch_size=batch_size),
+                 params, x, basis, eps_arr, key)
+
+
+def on_off_change(
+    apply_fn: ApplyFn,
+    params,
+    x: Array,
+    directions: ManifoldDirections,
+    eps: float | Sequence[float],
+    *,
+    batch_size: int | None = None,
+) -> ManifoldChange:
+    """`on_off_manifold_change` along given directions (from `manifold_directions`).
+
+    ``on_off_change(f, p, x, manifold_directions(key, basis, n, R), eps)`` equals
+    ``on_off_manifold_change(f, p, x, basis, eps, key, num_directions=R)``; drawing the
+    directions once and reusing them skips the per-model projections onto the tangent
+    spaces (the models are then compared on common random numbers, as with a fixed key).
+
+    Args:
+      apply_fn, params, x, eps, batch_size: as in `on_off_manifold_change`.
+      directions: `ManifoldDirections` (or a ``(tangent, normal)`` pair), each (n, R, d)
+        with unit rows, R >= 1.
+    """
+    validation.check_images("x", x, ranks=(2, 3, 4))
+    eps_arr = jnp.asarray(_check_eps(eps))
+    if not isinstance(directions, tuple) or len(directions) != 2:
+        raise ValueError("directions must be a (tangent, normal) pair from manifold_directions, "
+                         f"got {type(directions).__name__}")
+    n, d = x.shape[0], geometry.num_features(x)
+    tangent, normal = directions
+    for name, v in (("directions.tangent", tangent), ("directions.normal", normal)):
+        shape = getattr(v, "shape", None)
+        if shape is None or len(shape) != 3 or shape[0] != n or shape[2] != d or shape[1] < 1:
+            raise ValueError(f"{name} must have shape (n={n}, R, d={d}), got {shape}")
+    if tangent.shape != normal.shape:
+        raise ValueError(f"directions.tangent {tangent.shape} and directions.normal {normal.shape} differ in shape")
+    if batch_size is not None:
+        validation.check_positive_int("batch_size", batch_size)
+    return _call(_change_jit, _change_impl, apply_fn, dict(batch_size=batch_size),
+                 params, x, tangent, normal, eps_arr)
 
 
 # --------------------------------------------------------------------------- gradient fraction

@@ -3,9 +3,10 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
-from benchmarks import bench_step, bench_sweep, common, run_all
+from benchmarks import bench_manifold, bench_step, bench_sweep, common, run_all
 
 TINY_STEP = {
     "mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=3),
@@ -69,3 +70,19 @@ def test_table_and_run_all_commands():
     assert "1.235" in table and "-" in table.splitlines()[-1]
     assert run_all.command("sweep", True, 4)[-4:] == ["benchmarks.bench_sweep", "--quick", "--fake-devices", "4"]
     assert "--fake-devices" not in run_all.command("step", True, 4)
+
+
+def test_manifold_benchmark_naive_and_batched_compute_the_same_thing():
+    res = bench_manifold.run(batch=3, naive_images=2, repeats=1, models_per_sweep=2, image_shape=(8, 8, 1),
+                             latent=4, features=(4,), classifier="cnn:width=4,depth=1", eps=(0.5, 2.0))
+    # the one-pixel-at-a-time Jacobian spans the same tangent space as the batched JVPs ...
+    assert res["max_principal_angle_naive_vs_batched"] < 1e-3
+    # ... and the one-image-at-a-time measurement gives the batched numbers (same directions)
+    changes = res["batched_mean_l1_change"]["on"] + res["batched_mean_l1_change"]["off"]
+    assert min(changes) > 1e-3  # a real softmax change, so the agreement below means something
+    assert res["max_abs_measure_diff_naive_vs_batched"] < 1e-3 * max(changes)
+    assert set(res["results"]) == {"tangent_space", "on_off_measure", "on_off_measure_reused_directions",
+                                   "both", "sweep_2_models"}
+    for r in res["results"].values():
+        assert r["batched_images_per_s"] > 0 and r["naive_images_per_s"] > 0
+        np.testing.assert_allclose(r["speedup"], r["batched_images_per_s"] / r["naive_images_per_s"], rtol=1e-9)

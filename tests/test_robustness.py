@@ -9,7 +9,9 @@ from pagjax.geometry import project_normal, project_tangent, tangent_basis_from_
 from pagjax.robustness import (
     ManifoldChange,
     gradient_on_manifold_fraction,
+    ManifoldDirections,
     manifold_directions,
+    on_off_change,
     on_off_manifold_change,
     softmax_change,
 )
@@ -143,6 +145,27 @@ def test_on_off_is_mean_over_directions_of_the_drawn_unit_directions(setup):
     assert float(jnp.max(jnp.abs(res3.on_l1 - res.on_l1))) > 1e-4
 
 
+@pytest.mark.parametrize("per_example", [False, True])
+def test_reused_directions_give_the_same_measurement(setup, per_example):
+    # Directions drawn once (geometry only) and reused for a model equal the all-in-one call.
+    s = setup
+    params = {"w": s["w"]}
+    basis = jnp.broadcast_to(s["u"], (8, D, K)) if per_example else s["u"]
+    key = jax.random.PRNGKey(11)
+    dirs = manifold_directions(key, basis, 8, 3)
+    assert isinstance(dirs, ManifoldDirections) and dirs.tangent.shape == (8, 3, D)
+    ref = on_off_manifold_change(generic_apply, params, s["x"], basis, EPS, key, num_directions=3)
+    got = on_off_change(generic_apply, params, s["x"], dirs, EPS)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # a plain (tangent, normal) pair works too, and a second model reuses the same directions
+    other = {"w": 2.0 * s["w"]}
+    got2 = on_off_change(generic_apply, other, s["x"], (dirs.tangent, dirs.normal), EPS, batch_size=5)
+    ref2 = on_off_manifold_change(generic_apply, other, s["x"], basis, EPS, key, num_directions=3)
+    np.testing.assert_allclose(got2.off_on_ratio, ref2.off_on_ratio, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(got2.on_l1 - got.on_l1))) > 1e-4  # it did measure the other model
+
+
 def test_first_order_theorem_small_eps(setup):
     # For small eps and many directions, E||J_p u||^2 over unit u uniform in the tangent
     # space is ||J_p U||_F^2 / k (J_p: Jacobian of the softmax). Check mean(l2^2)/eps^2.
@@ -214,3 +237,12 @@ def test_bad_arguments_give_clear_errors(setup):
         gradient_on_manifold_fraction(jnp.ones((2, D + 2)), s["u"])
     with pytest.raises(ValueError, match="directions must have shape"):
         softmax_change(generic_apply, params, s["x"], jnp.ones((8, 1, D + 1)), EPS)
+    dirs = manifold_directions(key, s["u"], 8, 2)
+    with pytest.raises(ValueError, match="directions must be a .tangent, normal. pair"):
+        on_off_change(generic_apply, params, s["x"], dirs.tangent, EPS)
+    with pytest.raises(ValueError, match=r"directions.tangent must have shape \(n=4"):
+        on_off_change(generic_apply, params, s["x"][:4], dirs, EPS)
+    with pytest.raises(ValueError, match="differ in shape"):
+        on_off_change(generic_apply, params, s["x"], (dirs.tangent, dirs.normal[:, :1]), EPS)
+    with pytest.raises(ValueError, match="eps"):
+        on_off_change(generic_apply, params, s["x"], dirs, [-1.0])
