@@ -132,7 +132,7 @@ def run(*, method: str = "cholesky", batch: int = 64, naive_images: int = 3, rep
         jax.block_until_ready(naive_tangent(xi))
         nt.append(time.perf_counter() - t0)
         jac_i = jax.block_until_ready(naive_jacobian(xi))
-        for _ in range(max(1, repeats)):
+        for _ in range(4 * repeats):  # a few ms each, with a long tail: more samples
             t0 = time.perf_counter()
             out = jax.block_until_ready(naive_measure(xi, jac_i, noise[i]))
             nm.append(time.perf_counter() - t0)
@@ -173,6 +173,7 @@ def run(*, method: str = "cholesky", batch: int = 64, naive_images: int = 3, rep
             "batched_measure": t_meas / batch, "batched_measure_reused_directions": t_reuse / batch,
             "naive_tangent": naive_tan, "naive_measure": naive_meas,
         },
+        "naive_spread_s": {"tangent_min_max": [min(nt), max(nt)], "measure_min_max": [min(nm), max(nm)]},
         "max_principal_angle_naive_vs_batched": angle,
         "max_abs_measure_diff_naive_vs_batched": measure_diff,
         "batched_mean_l1_change": {"on": np.asarray(batched.mean_on_l1).tolist(),

@@ -7,6 +7,8 @@
   ``num_directions`` directions per image. The relative off-manifold robustness is the
   ratio of the image-averaged off- and on-manifold changes (Srinivas, Bordt & Lakkaraju,
   NeurIPS 2023, section 3 / Figure 3).
+* `manifold_directions` + `on_off_change`: the same measurement in two steps, so the
+  directions (geometry only) are drawn once and reused for every model.
 * `gradient_on_manifold_fraction`: ``||P g|| / ||g||``, the quantity bounded by the
   paper's theorem; random directions give about ``sqrt(k / d)``.
 
