@@ -209,26 +209,27 @@ def main(argv=None) -> dict:
     on_cpu = jax.default_backend() == "cpu"
     dchunk = args.direction_chunk or (8 if on_cpu else None)
     echunk = args.example_chunk or (1 if on_cpu else None)
-    t0 = time.perf_counter()
-    res = run(method=args.method, batch=batch, naive_images=naive_images, repeats=repeats,
-              direction_chunk=dchunk, example_chunk=echunk, models_per_sweep=args.models)
-    res["quick"] = args.quick
-    res["wall_s"] = time.perf_counter() - t0
+    def run_with_flags():
+        res = run(method=args.method, batch=batch, naive_images=naive_images, repeats=repeats,
+                  direction_chunk=dchunk, example_chunk=echunk, models_per_sweep=args.models)
+        res["quick"] = args.quick
+        return res
 
+    return common.run_and_report(run_with_flags, print_table, args.json)
+
+
+def print_table(res: dict) -> None:
+    """The machine, the settings, the speed-up table and the agreement check."""
     print(common.describe_machine_line(res["machine"]))
-    print(f"manifold benchmark: 32x32x3, latent {res['latent_dim']}, {res['classifier']} classifier, "
-          f"method {args.method}, batch {batch}, naive on {naive_images} image(s), median of {repeats}")
+    print(f"manifold benchmark: {'x'.join(map(str, res['image_shape']))}, latent {res['latent_dim']}, "
+          f"{res['classifier']} classifier, method {res['method']}, batch {res['batch']}, "
+          f"naive on {res['naive_images']} image(s), median of {res['repeats']}")
     print(common.format_table(
         ["stage", "batched img/s", "naive img/s", "speed-up"],
         [[k, r["batched_images_per_s"], r["naive_images_per_s"], f"{r['speedup']:.1f}x"]
          for k, r in res["results"].items()]))
     print(f"naive vs batched: max principal angle {res['max_principal_angle_naive_vs_batched']:.1e} rad, "
-          f"max |L1 change difference| {res['max_abs_measure_diff_naive_vs_batched']:.1e}; "
-          f"wall {res['wall_s']:.1f} s")
-    if args.json:
-        print(f"wrote {common.write_json(args.json, res)}")
-    return res
-
+          f"max |L1 change difference| {res['max_abs_measure_diff_naive_vs_batched']:.1e}")
 
 if __name__ == "__main__":
     main()

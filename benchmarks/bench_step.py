@@ -227,17 +227,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=None, help="PGD steps (default 10; 3 with --quick)")
     ap.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 1024; 2048 full)")
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(tuple(filter(None, args.models.split(","))), tuple(filter(None, args.objectives.split(","))),
-              quick=args.quick, k=args.k or (3 if args.quick else 10), batch_size=args.batch_size,
-              width=args.width, repeats=args.repeats or (3 if args.quick else 5),
-              peak_n=args.peak_n or (1024 if args.quick else 2048))
-    res["wall_s"] = time.perf_counter() - t0
-    print_table(res)
-    print(f"wall {res['wall_s']:.1f} s")
-    if args.json:
-        print(f"wrote {common.write_json(args.json, res)}")
-    return res
+    return common.run_and_report(
+        lambda: run(tuple(filter(None, args.models.split(","))), tuple(filter(None, args.objectives.split(","))),
+                    quick=args.quick, k=args.k or (3 if args.quick else 10), batch_size=args.batch_size,
+                    width=args.width, repeats=args.repeats or (3 if args.quick else 5),
+                    peak_n=args.peak_n or (1024 if args.quick else 2048)),
+        print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -150,17 +150,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--fake-devices", type=int, default=None,
                     help="split the CPU into N XLA devices (they share the same cores)")
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(tuple(filter(None, args.models.split(","))), tuple(int(v) for v in args.k.split(",")),
-              tuple(filter(None, args.strategies.split(","))), method=args.method, quick=args.quick,
-              batch_size=args.batch_size, width=args.width, steps=args.steps,
-              repeats=args.repeats or (2 if args.quick else 3))
-    res["wall_s"] = time.perf_counter() - t0
-    print_table(res)
-    print(f"wall {res['wall_s']:.1f} s")
-    if args.json:
-        print(f"wrote {common.write_json(args.json, res)}")
-    return res
+    return common.run_and_report(
+        lambda: run(tuple(filter(None, args.models.split(","))), tuple(int(v) for v in args.k.split(",")),
+                    tuple(filter(None, args.strategies.split(","))), method=args.method, quick=args.quick,
+                    batch_size=args.batch_size, width=args.width, steps=args.steps,
+                    repeats=args.repeats or (2 if args.quick else 3)),
+        print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,19 @@ def write_json(path: str, data: dict) -> str:
     return path
 
 
+def run_and_report(run: Callable[[], dict], print_table: Callable[[dict], None], json_path: str | None) -> dict:
+    """Every benchmark's `main` epilogue: time ``run()``, print its table and the wall
+    time, write the JSON (skipped for an empty `json_path`); returns the results."""
+    t0 = time.perf_counter()
+    res = run()
+    res["wall_s"] = time.perf_counter() - t0
+    print_table(res)
+    print(f"wall {res['wall_s']:.1f} s")
+    if json_path:
+        print(f"wrote {write_json(json_path, res)}")
+    return res
+
+
 def add_common_args(ap, name: str) -> None:
     """``--quick``, ``--json PATH`` (``''`` disables) and ``--repeats``."""
     ap.add_argument("--quick", action="store_true", help="small sizes: under 2 min on 2 CPU cores")
