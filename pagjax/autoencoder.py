@@ -15,9 +15,7 @@ decoder's Jacobian at the encoder's code of x. This module provides
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -258,31 +256,17 @@ def save_autoencoder(path: str, ae: TrainedAutoencoder, *, extra: dict | None = 
     ``extra`` (JSON-serialisable) is stored in the config record, e.g. the data set and
     training settings. An existing checkpoint at ``path`` is overwritten.
     """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(path, "params"), ae.params, force=True)
-    ckptr.wait_until_finished()
     record = {"model": _config(ae.model), "final_loss": float(ae.losses[-1]) if len(ae.losses) else None,
               "steps": int(len(ae.losses)), "extra": extra or {}}
-    io_lib.write_json(os.path.join(path, "config.json"), record)
+    io_lib.save_checkpoint_dir(path, "params", ae.params, record)
 
 
 def load_autoencoder(path: str) -> TrainedAutoencoder:
     """Load an autoencoder saved by `save_autoencoder` (losses are not stored: empty)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ValueError(f"no autoencoder checkpoint at {path} (missing config.json)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)["model"]
+    cfg = io_lib.read_checkpoint_config(path, "autoencoder")["model"]
     model = make_autoencoder(cfg["image_shape"], cfg["latent_dim"], arch=cfg["arch"],
                              hidden=cfg["hidden"], features=cfg["features"])
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                               jnp.zeros((1,) + tuple(cfg["image_shape"]), jnp.float32))
-    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
+    params = io_lib.restore_checkpoint_dir(path, "params", abstract)
     return TrainedAutoencoder(model, params, jnp.zeros((0,), jnp.float32))

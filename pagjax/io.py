@@ -86,6 +86,41 @@ def save_npz(path: str, **arrays) -> None:
     atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}), mode="wb")
 
 
+class CheckpointNotFoundError(FileNotFoundError, ValueError):
+    """No saved object at a path (a missing file, and a bad `path` argument)."""
+
+
+def save_checkpoint_dir(path: str, name: str, tree, config: dict) -> None:
+    """Save an object as directory `path`: orbax arrays of `tree` in ``name/``, then its
+    settings in ``config.json``, written last so that a directory with a config is whole.
+    An existing checkpoint at `path` is overwritten."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, name), tree, force=True)
+        ckptr.wait_until_finished()
+    write_json(os.path.join(path, "config.json"), config)
+
+
+def read_checkpoint_config(path: str, what: str) -> dict:
+    """The ``config.json`` of a `save_checkpoint_dir` directory; `what` names the object
+    in the `CheckpointNotFoundError` raised when there is none."""
+    cfg_path = os.path.join(os.path.abspath(path), "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointNotFoundError(f"no {what} checkpoint at {os.path.abspath(path)!r} (missing config.json)")
+    return read_json(cfg_path)
+
+
+def restore_checkpoint_dir(path: str, name: str, like):
+    """The arrays saved by `save_checkpoint_dir`, restored into the structure of `like`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(os.path.abspath(path), name), like)
+
+
 class Checkpointer:
     """Orbax checkpoints of one pytree under `directory`, keeping the latest `max_to_keep`.
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -480,26 +479,13 @@ def denoising_mse(denoiser_or_fn, x0: Array, y: Array | None, noise_level, key: 
 
 def save_denoiser(path: str, denoiser: Denoiser) -> None:
     """Save a denoiser to directory `path` (orbax arrays + ``config.json``), overwriting."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "arrays"), {"params": denoiser.params, "mean": denoiser.mean}, force=True)
-        ckptr.wait_until_finished()
-    io_lib.write_json(os.path.join(path, "config.json"), denoiser.config())
+    io_lib.save_checkpoint_dir(path, "arrays", {"params": denoiser.params, "mean": denoiser.mean},
+                               denoiser.config())
 
 
 def load_denoiser(path: str) -> Denoiser:
     """Load a denoiser saved by `save_denoiser` (reusable across every evaluated model)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no denoiser checkpoint at {path!r} (missing config.json)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = io_lib.read_checkpoint_config(path, "denoiser")
     den = Denoiser(params=None, mean=None, **{**cfg, "image_shape": tuple(cfg["image_shape"])})
     net = den.net()
     shape = (1, *den.image_shape)
@@ -510,8 +496,7 @@ def load_denoiser(path: str) -> Denoiser:
             "mean": jnp.zeros(den.image_shape, jnp.float32),
         }
     )
-    with ocp.StandardCheckpointer() as ckptr:
-        arrays = ckptr.restore(os.path.join(path, "arrays"), abstract)
+    arrays = io_lib.restore_checkpoint_dir(path, "arrays", abstract)
     return den.replace(params=arrays["params"], mean=arrays["mean"])
 
 
