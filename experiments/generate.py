@@ -185,48 +185,13 @@ def build_entries(args, config, data) -> list[Entry]:
     return entries
 
 
-# --------------------------------------------------------------------------- figures
-
-def image_grid(rows, labels, path, title, value_range=None):
-    """Rows of images (n, H, W, C), one shared grey/colour scale for the whole figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pagjax import io as io_lib
-
-    n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
-    if value_range is None:
-        allv = np.concatenate([np.asarray(r, float).ravel() for r in rows])
-        value_range = tuple(np.percentile(allv, [1, 99]))
-    lo, hi = value_range
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols + 1.6, 1.1 * n_rows + 0.4), squeeze=False)
-    for i, (imgs, label) in enumerate(zip(rows, labels)):
-        for j in range(n_cols):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j >= imgs.shape[0]:
-                ax.axis("off")
-                continue
-            im = np.clip((np.asarray(imgs[j], float) - lo) / max(hi - lo, 1e-12), 0, 1)
-            ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
-            if j == 0:
-                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    io_lib.atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), mode="wb")
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- main
 
 def run(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from pagjax import experiment, generate as G, io as io_lib
+    from pagjax import experiment, generate as G, io as io_lib, plots
     from pagjax.training import OptimizerConfig
 
     t0 = time.perf_counter()
@@ -304,21 +269,21 @@ def run(args) -> list[dict]:
     g = args.grid
     gen_rows = [np.asarray(seeds[:g])] + [r for r, _ in figs["gen"]]
     gen_labels = ["seed"] + [lab for _, lab in figs["gen"]]
-    image_grid(gen_rows, gen_labels, os.path.join(args.out, "generation.png"),
-               f"generation: ascend log p(target|x) from noisy seeds; targets {np.asarray(targets[:g]).tolist()}")
+    plots.image_grid(gen_rows, gen_labels, os.path.join(args.out, "generation.png"),
+                     title=f"generation: ascend log p(target|x) from noisy seeds; targets {np.asarray(targets[:g]).tolist()}")
     den_rows = [np.asarray(noisy[:g])] + [r for r, _ in figs["den"]] + [np.asarray(x_test[:g])]
     den_labels = [f"noisy s={args.denoise_noise:g}"] + [lab for _, lab in figs["den"]] + ["clean"]
     if known:
         den_rows.insert(-1, np.asarray(manifold.posterior_mean(noisy[:g], args.denoise_noise)))
         den_labels.insert(-1, "Tweedie E[x0|x]")
     clean_range = tuple(np.percentile(np.asarray(x_test), [1, 99]))
-    image_grid(den_rows, den_labels, os.path.join(args.out, "denoising.png"),
-               "denoising along grad log p(predicted class|x) (Tweedie step size)", value_range=clean_range)
+    plots.image_grid(den_rows, den_labels, os.path.join(args.out, "denoising.png"),
+                     title="denoising along grad log p(predicted class|x) (Tweedie step size)", value_range=clean_range)
     shown_obs = np.asarray(jnp.where(mask, jnp.asarray(clean_range[0]), x_test))[:g]
     inp_rows = [shown_obs] + [r for r, _ in figs["inp"]] + [np.asarray(x_test[:g])]
     inp_labels = ["observed (right half missing)"] + [lab for _, lab in figs["inp"]] + ["clean"]
-    image_grid(inp_rows, inp_labels, os.path.join(args.out, "inpainting.png"),
-               "in-painting: only the missing half follows grad log p(y|x)", value_range=clean_range)
+    plots.image_grid(inp_rows, inp_labels, os.path.join(args.out, "inpainting.png"),
+                     title="in-painting: only the missing half follows grad log p(y|x)", value_range=clean_range)
 
     columns = ["model", "method", "strength", "regime", "accuracy"] + sorted(
         {k for r in rows for k in r if k.startswith(("gen_", "den_", "inp_"))})

@@ -1,4 +1,4 @@
-"""Figures: the paper's Figure-3 layout and grids of input-gradient images."""
+"""Figures: the paper's Figure-3 layout, grids of input-gradient maps and of images."""
 from __future__ import annotations
 
 import warnings
@@ -75,31 +75,56 @@ def figure3(curves: dict, path: str, *, strength_names: dict | None = None) -> N
     _save(fig, path)
 
 
-def gradient_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: str, *, title: str = "") -> None:
-    """Rows of input-gradient maps (each (n, H, W, C)), each map scaled by its own max |value|."""
+def _grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: str, title: str, draw, cell: float,
+          margin: tuple[float, float]) -> None:
+    """Rows of images (each (n, H, W, C)), one row label each; ``draw(ax, image)`` fills a
+    cell. Figure size: `cell` inches per image plus `margin` (width, height) inches."""
     n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 1.2, 1.3 * n_rows), squeeze=False)
-    for i, (maps, label) in enumerate(zip(rows, row_labels)):
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + margin[0], cell * n_rows + margin[1]),
+                             squeeze=False)
+    for i, (images, label) in enumerate(zip(rows, row_labels)):
         for j in range(n_cols):
             ax = axes[i, j]
             ax.set_xticks([])
             ax.set_yticks([])
-            if j >= maps.shape[0]:
+            if j >= images.shape[0]:
                 ax.axis("off")
                 continue
-            m = np.asarray(maps[j], float)
-            scale = np.max(np.abs(m)) or 1.0
-            img = m[..., 0] if m.shape[-1] == 1 else 0.5 + 0.5 * m / scale
-            if m.shape[-1] == 1:
-                ax.imshow(img / scale, cmap="RdBu_r", vmin=-1, vmax=1)
-            else:
-                ax.imshow(np.clip(img, 0, 1))
+            draw(ax, np.asarray(images[j], float))
             if j == 0:
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
+
+
+def gradient_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: str, *, title: str = "") -> None:
+    """Rows of input-gradient maps (each (n, H, W, C)), each map scaled by its own max |value|."""
+
+    def draw(ax, m):
+        scale = np.max(np.abs(m)) or 1.0
+        if m.shape[-1] == 1:
+            ax.imshow(m[..., 0] / scale, cmap="RdBu_r", vmin=-1, vmax=1)
+        else:
+            ax.imshow(np.clip(0.5 + 0.5 * m / scale, 0, 1))
+
+    _grid(rows, row_labels, path, title, draw, cell=1.3, margin=(1.2, 0.0))
+
+
+def image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: str, *, title: str = "",
+               value_range: tuple[float, float] | None = None) -> None:
+    """Rows of images (each (n, H, W, C)) on one grey/colour scale for the whole figure:
+    `value_range` (lo, hi), by default the 1st and 99th percentiles of all the pixels."""
+    if value_range is None:
+        value_range = tuple(np.percentile(np.concatenate([np.asarray(r, float).ravel() for r in rows]), [1, 99]))
+    lo, hi = value_range
+
+    def draw(ax, img):
+        im = np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
+        ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
+
+    _grid(rows, row_labels, path, title, draw, cell=1.1, margin=(1.6, 0.4))
 
 
 def _save(fig, path):
