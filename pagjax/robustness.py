@@ -77,6 +77,14 @@ def _check_x_basis(x, basis) -> Array:
     return basis
 
 
+def _check_directions(name: str, v, x, min_directions: int = 0) -> None:
+    """Raise ValueError unless `v` has shape (n, R, d) for the batch `x`, R >= min_directions."""
+    n, d = x.shape[0], geometry.num_features(x)
+    shape = getattr(v, "shape", None)
+    if shape is None or len(shape) != 3 or shape[0] != n or shape[2] != d or shape[1] < min_directions:
+        raise ValueError(f"{name} must have shape (n={n}, R, d={d}), got {shape}")
+
+
 def _hashable(obj) -> bool:
     try:
         hash(obj)
@@ -189,11 +197,7 @@ def softmax_change(
     """
     validation.check_images("x", x, ranks=(2, 3, 4))
     eps_arr = _check_eps(eps)
-    d = geometry.num_features(x)
-    if getattr(directions, "ndim", None) != 3 or directions.shape[0] != x.shape[0] or directions.shape[2] != d:
-        raise ValueError(
-            f"directions must have shape (n={x.shape[0]}, R, d={d}), got {getattr(directions, 'shape', None)}"
-        )
+    _check_directions("directions", directions, x)
     if batch_size is not None:
         validation.check_positive_int("batch_size", batch_size)
     return _jit_softmax_change(apply_fn, params, x, directions, jnp.asarray(eps_arr), batch_size)
@@ -303,12 +307,9 @@ def on_off_change(
     if not isinstance(directions, tuple) or len(directions) != 2:
         raise ValueError("directions must be a (tangent, normal) pair from manifold_directions, "
                          f"got {type(directions).__name__}")
-    n, d = x.shape[0], geometry.num_features(x)
     tangent, normal = directions
-    for name, v in (("directions.tangent", tangent), ("directions.normal", normal)):
-        shape = getattr(v, "shape", None)
-        if shape is None or len(shape) != 3 or shape[0] != n or shape[2] != d or shape[1] < 1:
-            raise ValueError(f"{name} must have shape (n={n}, R, d={d}), got {shape}")
+    _check_directions("directions.tangent", tangent, x, min_directions=1)
+    _check_directions("directions.normal", normal, x, min_directions=1)
     if tangent.shape != normal.shape:
         raise ValueError(f"directions.tangent {tangent.shape} and directions.normal {normal.shape} differ in shape")
     if batch_size is not None:
