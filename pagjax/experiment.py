@@ -295,23 +295,12 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
     objective = data_lib.with_augmentation(objective, config.augment)
     optimizer = training.make_optimizer(config.optimizer, config.steps)
     strengths, seeds = _method_points(config, method)
-    init = sweep.init_sweep_state(model, optimizer, strengths, seeds, jnp.asarray(data.x_train[: config.batch_size]))
     ckpt = io_lib.Checkpointer(os.path.join(out_dir, "checkpoints", method))
-    restored = ckpt.restore_latest(init)
-    state = restored[1] if restored is not None else init
-    last_saved = [int(np.asarray(state.train.step)[0])]
-
-    def on_chunk(s):
-        step = int(np.asarray(s.train.step)[0])
-        if step - last_saved[0] >= config.checkpoint_every or step == config.steps:
-            ckpt.save(step, s)
-            last_saved[0] = step
-
-    chunk = min(config.steps_per_call, config.checkpoint_every)
     try:
         return sweep.train_models(model, objective, optimizer, data.x_train, data.y_train, strengths, seeds,
                                   steps=config.steps, batch_size=config.batch_size, strategy=config.strategy,
-                                  steps_per_call=chunk, state=state, on_chunk=on_chunk, on_progress=progress)
+                                  steps_per_call=config.steps_per_call, checkpointer=ckpt,
+                                  checkpoint_every=config.checkpoint_every, on_progress=progress)
     finally:
         ckpt.close()
 
@@ -546,8 +535,8 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
         def on_progress(p, method=method, k=k, seen=seen):
             bar.update((p.step - seen[0]) * k)
             seen[0] = p.step
-            bar.set_postfix_str(f"{method} step {p.step}/{p.total_steps} loss {np.nanmean(p.loss):.3f} "
-                                f"acc {np.nanmean(p.accuracy):.3f}")
+            bar.set_postfix_str(f"{method} step {p.step}/{p.total_steps} loss {np.nanmean(p.metrics['loss']):.3f} "
+                                f"acc {np.nanmean(p.metrics['accuracy']):.3f}")
 
         state = train_method(config, method, data, out_dir, progress=on_progress)
         if seen[0] == 0:  # restored a finished checkpoint

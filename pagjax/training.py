@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pagjax import engine
 from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import validation
@@ -101,11 +102,6 @@ def variables_of(state: TrainState) -> dict:
     return {"params": state.params, **state.model_state}
 
 
-def _all_finite(tree) -> Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
-
-
 def make_update_fn(model: models_lib.Model, objective, optimizer) -> Callable:
     """The pure (un-jitted) train step; see the module docstring."""
 
@@ -124,11 +120,10 @@ def make_update_fn(model: models_lib.Model, objective, optimizer) -> Callable:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         model_state = {**state.model_state, **aux["model_state"]}
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        finite = jnp.isfinite(loss) & engine.all_finite(grads)
         new_state = TrainState(state.step + 1, params, model_state, opt_state)
         # Skip a non-finite update but still advance the step counter.
-        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        kept = kept._replace(step=state.step + 1)
+        kept = engine.skip_nonfinite(new_state, state, finite)._replace(step=state.step + 1)
         metrics = {
             "loss": loss,
             "ce": jnp.mean(aux["ce"]),
@@ -160,15 +155,7 @@ def make_train_step(model: models_lib.Model, objective, optimizer) -> Callable:
     return train_step
 
 
-def batch_indices(key: Array, step, num_examples: int, batch_size: int) -> Array:
-    """Indices of the batch for `step`: a fresh permutation each epoch, remainder dropped.
-
-    Pure in (key, step), so resuming at any step reproduces the same batches.
-    """
-    per_epoch = num_examples // batch_size
-    epoch, offset = step // per_epoch, step % per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-    return jax.lax.dynamic_slice_in_dim(perm, offset * batch_size, batch_size)
+batch_indices = engine.batch_indices  # the batches every training run sees
 
 
 def seed_keys(seed: int) -> tuple[Array, Array, Array]:
@@ -238,11 +225,28 @@ def train(
     num_classes: int | None = None,
     log_every: int = 50,
     progress: bool = True,
+    checkpointer=None,
+    checkpoint_every: int | None = None,
 ) -> TrainResult:
-    """Train one model on arrays in memory; stops early (and says so) if it diverges."""
-    from tqdm.auto import tqdm
+    """Train one model on arrays in memory (through `pagjax.engine.train_loop`).
 
+    Args:
+      config: the run's settings (validated before anything is compiled).
+      x_train, y_train: (N, H, W, C) float images and (N,) integer labels.
+      num_classes: default ``max(y_train) + 1``.
+      log_every: steps between history entries (and progress updates).
+      progress: show a progress bar with the loss.
+      checkpointer, checkpoint_every: a `pagjax.io.Checkpointer` to resume from and save
+        to every ``checkpoint_every`` steps (default: every ``log_every``).
+
+    Returns:
+      `TrainResult`: the variables, the history (``step`` and each metric, every
+      ``log_every`` steps), and whether and where (the end of the logging interval in
+      which) a step first had a NaN/inf loss or gradient. Every step is checked; the
+      run stops there, with the update skipped.
+    """
     config.validate()
+    validation.check_positive_int("log_every", log_every)
     num_classes = num_classes or int(np.max(np.asarray(y_train))) + 1
     check_training_data(x_train, y_train, num_classes, config.batch_size)
     model = models_lib.build_model(config.model, num_classes)
@@ -251,23 +255,19 @@ def train(
     init_key, data_key, step_key = seed_keys(config.seed)
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     state = create_train_state(model, optimizer, init_key, x_train[: config.batch_size])
-    step_fn = make_train_step(model, objective, optimizer).jitted
+    update = make_update_fn(model, objective, optimizer)
     strength = jnp.asarray(config.strength, jnp.float32)
-    n = x_train.shape[0]
-    history: dict[str, list] = {}
-    diverged_at = None
-    bar = tqdm(range(config.steps), disable=not progress, desc=f"{config.method}={config.strength:g}")
-    for step in bar:
-        idx = batch_indices(data_key, step, n, config.batch_size)
-        state, metrics = step_fn(state, x_train[idx], y_train[idx], step_key, strength)
-        if step % log_every == 0 or step == config.steps - 1:
-            metrics = jax.device_get(metrics)
-            for name, value in metrics.items():
-                history.setdefault(name, []).append(value)
-            history.setdefault("step", []).append(step)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
-            if not metrics["finite"]:
-                diverged_at = step
-                break
-    hist = {k: np.asarray(v) for k, v in history.items()}
-    return TrainResult(variables_of(state), hist, diverged_at is not None, diverged_at)
+
+    def step_fn(state, batch):
+        return update(state, batch[0], batch[1], step_key, strength)
+
+    result = engine.train_loop(
+        step_fn, state, (x_train, y_train), data_key, steps=config.steps, batch_size=config.batch_size,
+        steps_per_call=log_every, checkpointer=checkpointer, checkpoint_every=checkpoint_every,
+        progress=f"{config.method}={config.strength:g}" if progress else None, stop_when_all_nonfinite=True)
+    diverged = bool(result.nonfinite)
+    steps = result.history["step"]
+    logged = (steps % log_every == 0) | (steps == steps.max(initial=0))  # not the epoch ends in between
+    history = {name: v[logged] for name, v in result.history.items()}
+    return TrainResult(variables_of(result.state), history, diverged,
+                       int(result.first_nonfinite) if diverged else None)

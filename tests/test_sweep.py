@@ -63,20 +63,42 @@ def test_a_diverging_model_is_flagged_and_does_not_poison_the_others():
     chex.assert_trees_all_close(ok, sweep.model_variables(alone, 0), rtol=1e-5, atol=1e-6)
 
 
-def test_resuming_from_a_chunk_state_equals_an_uninterrupted_run():
-    saved = []
-    # on_chunk must copy what it keeps: the next chunk donates the state's buffers.
-    full = _train("vmap", [0.0, 0.2], [3, 4], steps=40, on_chunk=lambda s: saved.append(jax.tree.map(jnp.copy, s)))
-    assert [int(np.asarray(s.train.step)[0]) for s in saved] == [10, 20, 30, 40]
-    resumed = _train("vmap", [0.0, 0.2], [3, 4], steps=40, state=saved[1])
+def test_a_killed_run_resumes_from_its_checkpoint_exactly(tmp_path):
+    from pagjax import io as io_lib
+
+    full = _train("vmap", [0.0, 0.2], [3, 4], steps=40)
+    # A "killed" run: 20 of 40 steps, checkpointed every 10 steps, on disk.
+    ckpt = io_lib.Checkpointer(str(tmp_path / "ckpt"))
+    with pytest.raises(_Killed):
+        _train("vmap", [0.0, 0.2], [3, 4], steps=40, checkpointer=ckpt, checkpoint_every=10,
+               on_progress=lambda p: _stop_at(p, 20))
+    ckpt.close()
+    ckpt = io_lib.Checkpointer(str(tmp_path / "ckpt"))
+    assert ckpt.latest_step() == 20
+    seen = []
+    resumed = _train("vmap", [0.0, 0.2], [3, 4], steps=40, checkpointer=ckpt, checkpoint_every=10,
+                     on_progress=seen.append)
+    ckpt.close()
+    assert seen[0].step > 20 and seen[-1].step == 40  # the restored 20 steps are not redone
     chex.assert_trees_all_close(resumed.train.params, full.train.params, rtol=1e-5, atol=1e-6)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _stop_at(progress, step):
+    if progress.step >= step:
+        raise _Killed
 
 
 def test_progress_reports_every_chunk():
     seen = []
     _train("loop", [0.0], [0], steps=25, on_progress=seen.append)
-    assert [p.step for p in seen] == [10, 20, 25]
-    assert seen[-1].loss.shape == (1,) and np.isfinite(seen[-1].loss).all()
+    per_epoch = len(toy_task()[0]) // 32  # chunks end at multiples of 10 steps and at epoch ends
+    expected = sorted({*range(10, 25, 10), *range(per_epoch, 25, per_epoch), 25})
+    assert [p.step for p in seen] == expected
+    assert seen[-1].metrics["loss"].shape == (1,) and np.isfinite(seen[-1].metrics["loss"]).all()
 
 
 def test_choose_strategy_per_backend():
