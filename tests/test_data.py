@@ -1,7 +1,9 @@
-"""Real-image datasets: offline digits, tfds loaders (mock data, no network), fast failure
-without prepared data, the checks before downloading, deterministic streaming and sharding,
-augmentation."""
+"""Real-image datasets: offline digits, tfds loaders (a real prepared tfds dataset shipped
+under tests/data, and mock data; no network), fast failure without prepared data, the checks
+before downloading, deterministic streaming and sharding, augmentation."""
 import http.server
+import importlib.util
+import pathlib
 import threading
 import time
 
@@ -66,6 +68,53 @@ def test_tfds_loader_with_mock_data(monkeypatch):
         assert x.shape == (4, 16, 16, 3) and y.shape == (4,)
         x, _ = data.load_dataset("imagenet64", split="test", max_examples=3)
         assert x.shape == (3, 64, 64, 3)
+
+
+# --------------------------------------------------------------------------- a real tfds dataset on disk
+
+TESTS_DATA = pathlib.Path(__file__).parent / "data"
+TINY_TFDS_DIR = str(TESTS_DATA / "tfds")  # written by tfds's mnist builder (make_tiny_mnist.py)
+
+
+def _tiny_mnist_written():
+    """What make_tiny_mnist.py wrote: {image bytes: label} per split (tfds shuffles the order)."""
+    spec = importlib.util.spec_from_file_location("make_tiny_mnist", TESTS_DATA / "make_tiny_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x_train, y_train, x_test, y_test = module.tiny_mnist()
+    as_dict = lambda x, y: {im.tobytes(): int(label) for im, label in zip(x, y)}  # noqa: E731
+    return as_dict(x_train, y_train), as_dict(x_test, y_test)
+
+
+def _as_written(x, y):
+    """Read float images back to the uint8 bytes they were written from, with their labels."""
+    u8 = np.round(x[..., 0] * 255).astype(np.uint8)
+    return {im.tobytes(): int(label) for im, label in zip(u8, y)}
+
+
+def test_real_prepared_tfds_mnist_reads_exactly_what_was_written(monkeypatch):
+    train, test = _tiny_mnist_written()
+    data.check_available("mnist", data_dir=TINY_TFDS_DIR)
+    d = data.load_splits("mnist", data_dir=TINY_TFDS_DIR)
+    assert d.x_train.shape == (20, 28, 28, 1) and d.x_test.shape == (10, 28, 28, 1)
+    assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int32 and d.num_classes == 10
+    assert d.x_train.min() == 0.0 and d.x_train.max() == 1.0 and d.x_test.max() == 1.0
+    # every image read back, pixel for pixel, with the label written with it
+    assert _as_written(d.x_train, d.y_train) == train
+    assert _as_written(d.x_test, d.y_test) == test
+    # subsets and resizing go through the same reader
+    x, y = data.load_dataset("mnist", split="test", data_dir=TINY_TFDS_DIR, max_examples=4, image_size=14, seed=2)
+    assert x.shape == (4, 14, 14, 1) and y.shape == (4,) and 0 <= x.min() and x.max() <= 1
+    # one streamed epoch holds each training image once, labels attached
+    batches = list(data.stream_batches("mnist", batch_size=5, seed=3, data_dir=TINY_TFDS_DIR, num_steps=4))
+    xs, ys = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    assert xs.shape == (20, 28, 28, 1) and _as_written(xs, ys) == train
+    # prepared data need neither TensorFlow nor network, even with download=True
+    monkeypatch.setattr(data, "check_can_download", lambda *a, **k: pytest.fail("checked for a download"))
+    assert data.load_splits("mnist", data_dir=TINY_TFDS_DIR, n_train=3, n_test=2, download=True).x_train.shape[0] == 3
+    assert data.main(["check", "mnist", "--data-dir", TINY_TFDS_DIR]) == 0
+    with pytest.raises(data.DatasetUnavailableError, match="not prepared"):  # only mnist is there
+        data.check_available("fashion_mnist", data_dir=TINY_TFDS_DIR)
 
 
 # --------------------------------------------------------------------------- checks before downloading
