@@ -15,13 +15,22 @@ Nothing is downloaded unless ``download=True``. Without prepared data the loader
 prepares the data (``python -m pagjax.data download NAME --data-dir DIR`` on a machine
 with network). `tfds.load` is never used: offline it retries for minutes, and it needs
 TensorFlow.
+
+Preparing (``download=True``, ``python -m pagjax.data download``) runs tfds's builders,
+which do need TensorFlow: ``pip install "pagjax[prepare]"``. Before any network access or
+long work, `check_can_download` makes sure that TensorFlow is installed and that the
+dataset's server answers within a few seconds; otherwise it fails at once with one message,
+instead of tfds failing on ``import tensorflow`` after the download or retrying for minutes.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -41,20 +50,31 @@ class DatasetSpec:
     train_split: str = "train"
     test_split: str = "test"
     streaming: bool = False  # too large to hold in memory: use `stream_batches`
+    # Where tfds's builder fetches the raw files from (its URL constant): the one list of
+    # hosts, asked whether they answer before downloading.
+    download_url: str = ""
 
 
 TFDS_DATASETS = {
-    "mnist": DatasetSpec("mnist", (28, 28, 1), 10),
-    "fashion_mnist": DatasetSpec("fashion_mnist", (28, 28, 1), 10),
-    "cifar10": DatasetSpec("cifar10", (32, 32, 3), 10),
-    "imagenet64": DatasetSpec("imagenet_resized/64x64", (64, 64, 3), 1000, test_split="validation", streaming=True),
+    "mnist": DatasetSpec("mnist", (28, 28, 1), 10,
+                         download_url="https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    "fashion_mnist": DatasetSpec("fashion_mnist", (28, 28, 1), 10,
+                                 download_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+    "cifar10": DatasetSpec("cifar10", (32, 32, 3), 10,
+                           download_url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
+    "imagenet64": DatasetSpec("imagenet_resized/64x64", (64, 64, 3), 1000, test_split="validation", streaming=True,
+                              download_url="http://www.image-net.org/data/downsample/"),
 }
+# What preparing needs beyond the base install, and the command that installs it.
+PREPARE_MODULES = ("tensorflow",)
+PREPARE_INSTALL = 'pip install "pagjax[prepare]"'
+REACH_TIMEOUT_S = 3.0  # a server that has not answered by then is taken as unreachable
 DIGITS_CLASSES = 10
 DIGITS_TEST = 297  # 1797 = 1500 train + 297 test
 
 
 class DatasetUnavailableError(ValueError):
-    """The dataset is not prepared locally and downloading was not asked for."""
+    """The dataset is not prepared locally, and downloading was not asked for or cannot start."""
 
 
 @dataclasses.dataclass
@@ -142,13 +162,73 @@ def digits(*, image_size: int | None = None, seed: int = 0, n_test: int = DIGITS
 # --------------------------------------------------------------------------- tfds
 
 
-def _how_to_get(name: str, data_dir: str | None) -> str:
+def _how_to_get(name: str, data_dir: str | None, *, offer_download: bool = True) -> str:
     d = data_dir or "~/tensorflow_datasets"
     spec = TFDS_DATASETS[name]
-    return (f"On a machine with network run `python -m pagjax.data download {name} --data-dir {d}` "
-            f"(or `tfds build {spec.tfds_name} --data_dir {d} --file_format array_record`), copy {d} here "
-            f"and pass data_dir (--data-dir), or pass download=True (--download) to download now. "
+    now = ", or pass download=True (--download) to download now" if offer_download else ""
+    return (f"On a machine with network run `{PREPARE_INSTALL}` and `python -m pagjax.data download {name} "
+            f"--data-dir {d}` (or `tfds build {spec.tfds_name} --data_dir {d} --file_format array_record`), "
+            f"copy {d} here and pass data_dir (--data-dir){now}. "
             f"The offline dataset 'digits' always works.")
+
+
+def missing_prepare_modules() -> list[str]:
+    """The modules that preparing needs (`PREPARE_MODULES`) and that are not installed.
+
+    Only looks them up (`importlib.util.find_spec`): importing TensorFlow takes seconds.
+    """
+    return [m for m in PREPARE_MODULES if importlib.util.find_spec(m) is None]
+
+
+def reach_error(url: str, timeout: float) -> str | None:
+    """Why `url`'s server gives no HTTP answer within `timeout` seconds; None if it answers.
+
+    One HEAD request without retries, made with `requests` as tfds's downloader makes its
+    requests (same proxy and certificate settings); any HTTP status counts as an answer. A
+    bare TCP connect would not do: intercepting networks and proxies accept every connection
+    and then fail the download, which tfds retries for minutes. The request runs in a daemon
+    thread joined with the timeout, because the name lookup ignores socket timeouts.
+    """
+    import requests  # a tensorflow-datasets dependency
+
+    outcome = []
+
+    def attempt():
+        try:
+            requests.head(url, timeout=timeout, allow_redirects=False)
+            outcome.append(None)
+        except requests.RequestException as err:
+            # requests wraps urllib3's error; its cause (e.g. NameResolutionError) says more
+            cause = getattr(err.args[0], "reason", None) if err.args else None
+            outcome.append(type(cause or err).__name__)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def check_can_download(name: str, *, data_dir: str | None = None, timeout: float | None = None) -> None:
+    """Raise `DatasetUnavailableError` unless downloading and preparing `name` can start.
+
+    Checked in this order, before any download: the modules that tfds's builders need are
+    installed (a lookup, no import, no network), then the dataset's server answers within
+    `timeout` seconds (default `REACH_TIMEOUT_S`; `reach_error`). Costs a fraction of a
+    second online, at most `timeout` offline.
+    """
+    validation.check_choice("dataset", name, tuple(TFDS_DATASETS))
+    timeout = REACH_TIMEOUT_S if timeout is None else timeout
+    missing = missing_prepare_modules()
+    if missing:
+        raise DatasetUnavailableError(
+            f"downloading {name!r} needs {', '.join(missing)} (tfds's builders read the raw files with it), "
+            f"which is not installed: run `{PREPARE_INSTALL}` first. Reading prepared data does not need it.")
+    url = TFDS_DATASETS[name].download_url
+    error = reach_error(url, timeout)
+    if error is not None:
+        raise DatasetUnavailableError(
+            f"cannot download {name!r}: {url} is not reachable ({error}; waited at most {timeout:g} s). "
+            f"{_how_to_get(name, data_dir, offer_download=False)}")
 
 
 def _builder(name: str, data_dir: str | None):
@@ -158,35 +238,64 @@ def _builder(name: str, data_dir: str | None):
 
 
 def check_available(name: str, *, data_dir: str | None = None, download: bool = False) -> None:
-    """Raise `DatasetUnavailableError` (fast, no network) unless `name` can be read.
+    """Raise `DatasetUnavailableError` (fast) unless `name` can be read.
 
     ``digits`` is always available. A tfds dataset must be prepared under `data_dir`
-    (default: tfds's, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), unless
-    ``download`` is True.
+    (default: tfds's, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), or ``download``
+    be True and downloading able to start (`check_can_download`: TensorFlow installed,
+    server answering within a few seconds). Without ``download`` nothing touches the network.
     """
     validation.check_choice("dataset", name, dataset_names())
-    if name in OFFLINE_DATASETS or download:
+    if name in OFFLINE_DATASETS:
         return
-    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+    local_dir = None if data_dir is None else os.path.expanduser(data_dir)
+    exists = local_dir is None or os.path.isdir(local_dir)
+    if download:
+        # Already prepared data need neither TensorFlow nor network, even with download=True.
+        if not (exists and _prepared_in(name, local_dir)[0]):
+            check_can_download(name, data_dir=data_dir)
+        return
+    if not exists:
         raise DatasetUnavailableError(f"data_dir {data_dir!r} does not exist. {_how_to_get(name, data_dir)}")
-    builder = _builder(name, None if data_dir is None else os.path.expanduser(data_dir))
-    if not builder.is_prepared():
+    prepared, folder = _prepared_in(name, local_dir)
+    if not prepared:
         raise DatasetUnavailableError(
-            f"dataset {name!r} ({TFDS_DATASETS[name].tfds_name}) is not prepared in {builder.data_dir}. "
+            f"dataset {name!r} ({TFDS_DATASETS[name].tfds_name}) is not prepared in {folder}. "
             f"{_how_to_get(name, data_dir)}")
+
+
+class _DropMissingInfoWarning(logging.Filter):
+    """Drops tfds's "Variant folder ... has no dataset_info.json" warning: merely looking for
+    unprepared data logs it, and it would stand before the one message saying what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder")
+
+
+def _prepared_in(name: str, data_dir: str | None) -> tuple[bool, str]:
+    """Whether `name` is prepared under `data_dir` (local files only), and the folder it would be in."""
+    absl_logger = logging.getLogger("absl")  # tfds logs through absl, whose logger this is
+    drop = _DropMissingInfoWarning()
+    absl_logger.addFilter(drop)
+    try:
+        builder = _builder(name, data_dir)
+        return builder.is_prepared(), str(builder.data_dir)
+    finally:
+        absl_logger.removeFilter(drop)
 
 
 def open_source(name: str, split: str, *, data_dir: str | None = None, download: bool = False):
     """A random-access source (``len``, ``source[i] -> {'image', 'label'}``) of a tfds split.
 
     Checks availability first (`check_available`), so it never waits on the network
-    unless ``download`` is True.
+    unless ``download`` is True, and then only once the download can start.
     """
     check_available(name, data_dir=data_dir, download=download)
     return _tfds_source(name, split, data_dir, download)
 
 
 def _tfds_source(name, split, data_dir, download):
+    # Callers run `check_available` first: with download=True that is `check_can_download`.
     import tensorflow_datasets as tfds
 
     spec = TFDS_DATASETS[name]
@@ -428,7 +537,7 @@ def main(argv=None) -> int:
     """``python -m pagjax.data download NAME --data-dir DIR``: prepare a tfds dataset (needs network)."""
     p = argparse.ArgumentParser(description="Prepare real-image datasets for pagjax (array_record, no TensorFlow needed to read).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    dl = sub.add_parser("download", help="download and prepare a tfds dataset (needs network)")
+    dl = sub.add_parser("download", help=f"download and prepare a tfds dataset (needs network and `{PREPARE_INSTALL}`)")
     dl.add_argument("name", choices=list(TFDS_DATASETS))
     dl.add_argument("--data-dir", default=None, help="tfds data directory (default: tfds's)")
     chk = sub.add_parser("check", help="say whether a dataset is prepared (no network)")
@@ -436,6 +545,11 @@ def main(argv=None) -> int:
     chk.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
     if args.cmd == "download":
+        try:  # fails in seconds, with one message, when TensorFlow or the network is missing
+            check_available(args.name, data_dir=args.data_dir, download=True)
+        except DatasetUnavailableError as e:
+            print(e, file=sys.stderr)
+            return 1
         _tfds_source(args.name, TFDS_DATASETS[args.name].test_split, args.data_dir, True)
         print(f"{args.name}: prepared in {_builder(args.name, args.data_dir).data_dir}")
         return 0

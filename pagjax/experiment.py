@@ -191,7 +191,7 @@ class SweepConfig:
             if self.image_size is not None:
                 shape = (self.image_size, self.image_size, shape[2])
             self.learned.validate(shape)
-            data_lib.check_available(self.dataset, data_dir=self.data_dir, download=self.download)  # fast, offline
+            data_lib.check_available(self.dataset, data_dir=self.data_dir, download=self.download)  # fast; offline unless download
         validation.check_positive_int("n_train", self.n_train)
         validation.check_positive_int("n_test", self.n_test)
         models_lib.build_model(self.model, 2)  # raises on a bad name or option

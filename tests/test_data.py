@@ -1,5 +1,10 @@
-"""Real-image datasets: offline digits, tfds loaders (mock data, no network), fast failure
-without prepared data, deterministic streaming and sharding, augmentation."""
+"""Real-image datasets: offline digits, tfds loaders (a real prepared tfds dataset shipped
+under tests/data, and mock data; no network), fast failure without prepared data, the checks
+before downloading, deterministic streaming and sharding, augmentation."""
+import http.server
+import importlib.util
+import pathlib
+import threading
 import time
 
 import jax
@@ -63,6 +68,153 @@ def test_tfds_loader_with_mock_data(monkeypatch):
         assert x.shape == (4, 16, 16, 3) and y.shape == (4,)
         x, _ = data.load_dataset("imagenet64", split="test", max_examples=3)
         assert x.shape == (3, 64, 64, 3)
+
+
+# --------------------------------------------------------------------------- a real tfds dataset on disk
+
+TESTS_DATA = pathlib.Path(__file__).parent / "data"
+TINY_TFDS_DIR = str(TESTS_DATA / "tfds")  # written by tfds's mnist builder (make_tiny_mnist.py)
+
+
+def _tiny_mnist_written():
+    """What make_tiny_mnist.py wrote: {image bytes: label} per split (tfds shuffles the order)."""
+    spec = importlib.util.spec_from_file_location("make_tiny_mnist", TESTS_DATA / "make_tiny_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x_train, y_train, x_test, y_test = module.tiny_mnist()
+    as_dict = lambda x, y: {im.tobytes(): int(label) for im, label in zip(x, y)}  # noqa: E731
+    return as_dict(x_train, y_train), as_dict(x_test, y_test)
+
+
+def _as_written(x, y):
+    """Read float images back to the uint8 bytes they were written from, with their labels."""
+    u8 = np.round(x[..., 0] * 255).astype(np.uint8)
+    return {im.tobytes(): int(label) for im, label in zip(u8, y)}
+
+
+def test_real_prepared_tfds_mnist_reads_exactly_what_was_written(monkeypatch):
+    train, test = _tiny_mnist_written()
+    data.check_available("mnist", data_dir=TINY_TFDS_DIR)
+    d = data.load_splits("mnist", data_dir=TINY_TFDS_DIR)
+    assert d.x_train.shape == (20, 28, 28, 1) and d.x_test.shape == (10, 28, 28, 1)
+    assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int32 and d.num_classes == 10
+    assert d.x_train.min() == 0.0 and d.x_train.max() == 1.0 and d.x_test.max() == 1.0
+    # every image read back, pixel for pixel, with the label written with it
+    assert _as_written(d.x_train, d.y_train) == train
+    assert _as_written(d.x_test, d.y_test) == test
+    # subsets and resizing go through the same reader
+    x, y = data.load_dataset("mnist", split="test", data_dir=TINY_TFDS_DIR, max_examples=4, image_size=14, seed=2)
+    assert x.shape == (4, 14, 14, 1) and y.shape == (4,) and 0 <= x.min() and x.max() <= 1
+    # one streamed epoch holds each training image once, labels attached
+    batches = list(data.stream_batches("mnist", batch_size=5, seed=3, data_dir=TINY_TFDS_DIR, num_steps=4))
+    xs, ys = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    assert xs.shape == (20, 28, 28, 1) and _as_written(xs, ys) == train
+    # prepared data need neither TensorFlow nor network, even with download=True
+    monkeypatch.setattr(data, "check_can_download", lambda *a, **k: pytest.fail("checked for a download"))
+    assert data.load_splits("mnist", data_dir=TINY_TFDS_DIR, n_train=3, n_test=2, download=True).x_train.shape[0] == 3
+    assert data.main(["check", "mnist", "--data-dir", TINY_TFDS_DIR]) == 0
+    with pytest.raises(data.DatasetUnavailableError, match="not prepared"):  # only mnist is there
+        data.check_available("fashion_mnist", data_dir=TINY_TFDS_DIR)
+
+
+# --------------------------------------------------------------------------- checks before downloading
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Record every reachability check (answered: unreachable) and fail if a download starts."""
+    asked = []
+    monkeypatch.setattr(data, "reach_error", lambda url, timeout: asked.append(url) or "ConnectionError")
+    monkeypatch.setattr(data, "_tfds_source", lambda *a, **k: pytest.fail("a download started"))
+    return asked
+
+
+def test_download_without_tensorflow_names_the_extra_before_any_network(tmp_path, no_download, monkeypatch, capsys):
+    monkeypatch.setattr(data, "PREPARE_MODULES", ("pagjax_no_such_module",))  # looked up for real
+    msg = r'pagjax_no_such_module.*pip install "pagjax\[prepare\]"'
+    with pytest.raises(data.DatasetUnavailableError, match=msg):
+        data.load_splits("mnist", data_dir=str(tmp_path), n_train=2, n_test=2, download=True)
+    with pytest.raises(data.DatasetUnavailableError, match=msg):
+        data.check_available("cifar10", data_dir=str(tmp_path / "new"), download=True)
+    assert data.main(["download", "mnist", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert 'pip install "pagjax[prepare]"' in err and len(err.strip().splitlines()) == 1
+    assert no_download == []  # the network was not even asked
+
+
+def test_download_with_unreachable_server_fails_with_one_message(tmp_path, no_download, monkeypatch, capsys):
+    monkeypatch.setattr(data, "missing_prepare_modules", lambda: [])  # as if TensorFlow were installed
+    for name in data.TFDS_DATASETS:
+        with pytest.raises(data.DatasetUnavailableError, match=r"is not reachable .*`python -m pagjax.data download"):
+            data.check_available(name, data_dir=str(tmp_path), download=True)
+    assert no_download == [spec.download_url for spec in data.TFDS_DATASETS.values()]
+    assert data.main(["download", "mnist", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "https://storage.googleapis.com/cvdf-datasets/mnist/ is not reachable (ConnectionError" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unresponsive_server_is_given_up_after_the_timeout(tmp_path, monkeypatch, capsys):
+    # A request (or name lookup) that never returns: only the timeout ends the wait.
+    import requests
+
+    release = threading.Event()
+
+    def hang(*args, **kwargs):
+        release.wait(60)
+        raise requests.ConnectionError("released")
+
+    monkeypatch.setattr(requests, "head", hang)
+    monkeypatch.setattr(data, "missing_prepare_modules", lambda: [])
+    monkeypatch.setattr(data, "_tfds_source", lambda *a, **k: pytest.fail("a download started"))
+    try:
+        t = time.perf_counter()
+        assert data.main(["download", "mnist", "--data-dir", str(tmp_path)]) == 1  # default timeout
+        assert time.perf_counter() - t < 5.0
+        assert f"no answer within {data.REACH_TIMEOUT_S:g} s" in capsys.readouterr().err
+    finally:
+        release.set()
+
+
+def test_reach_error_asks_the_server_through_the_configured_proxy(monkeypatch):
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 (http.server's naming)
+            self.send_response(404)  # any HTTP answer means the server is there
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert data.reach_error(f"http://127.0.0.1:{port}/cvdf-datasets/mnist/", 2.0) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    t = time.perf_counter()
+    assert data.reach_error(f"http://127.0.0.1:{port}/", 2.0) is not None  # closed now: refused at once
+    # with a proxy set, the request goes to it (as tfds's would): here a closed local port
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+    assert "Proxy" in data.reach_error("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", 2.0)
+    assert time.perf_counter() - t < 2.0
+    monkeypatch.setattr(data, "PREPARE_MODULES", ("numpy", "pagjax_no_such_module"))
+    assert data.missing_prepare_modules() == ["pagjax_no_such_module"]
+
+
+def test_sweep_download_fails_fast_without_tensorflow(tmp_path, no_download, monkeypatch, capsys):
+    from experiments import sweep_eps
+
+    monkeypatch.setattr(data, "PREPARE_MODULES", ("pagjax_no_such_module",))
+    t = time.perf_counter()
+    rc = sweep_eps.main(["--dataset", "mnist", "--download", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 2 and time.perf_counter() - t < 5
+    assert 'pip install "pagjax[prepare]"' in capsys.readouterr().err and no_download == []
 
 
 def _fake_source(n=20):
