@@ -13,9 +13,12 @@ Bayes-aligned -> excessive sequence (README, "The main job").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import numpy as np
+
+ADAM_LR = 2e-3  # the default runs' Adam learning rate
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -33,6 +36,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None) -> argparse.Namespace:
     from pagjax.experiment import DEFAULT_STRENGTHS
+    from pagjax.training import PAPER_SGD
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/sweep_eps", help="output folder (results.csv, figures, checkpoints)")
@@ -56,9 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="mlp:width=256", help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; digits: 600)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate")
-    p.add_argument("--optimizer", default="adam", help="adam or sgd (sgd: the paper's momentum 0.9 and piecewise schedule)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {ADAM_LR:g} for adam, the paper's {PAPER_SGD.learning_rate:g} for sgd)")
+    p.add_argument("--optimizer", default="adam", help="adam or sgd (sgd: the paper's recipe: lr 0.025, momentum 0.9, "
+                                                       "weight decay 5e-4, piecewise schedule)")
     p.add_argument("--official", action="store_true", help="use the official PyTorch code's conventions (gradnorm constant, whole-batch PGD ball)")
+    p.add_argument("--official-grad-accumulation", action="store_true",
+                   help="pgd: reproduce the official CIFAR-10 training, whose parameter update adds the gradients of "
+                        "every attack step (about 10x the norm of the stated objective's gradient; off: the stated objective)")
+    p.add_argument("--official-bn-updates", action="store_true",
+                   help="smoothness, pgd: update BatchNorm running statistics on every training forward, as the official "
+                        "code does (2 per step for smoothness, steps + 1 for pgd; off: one per step)")
     p.add_argument("--pgd-steps", type=int, default=5, help="PGD steps per training batch")
     p.add_argument("--eps", default="0.5,1,2", help="comma-separated perturbation sizes for the on/off-manifold change")
     p.add_argument("--regime-eps", type=float, default=1.0, help="which eps drives the regime labels")
@@ -75,7 +87,7 @@ def config_from_args(args: argparse.Namespace):
     from pagjax import data as data_lib
     from pagjax.experiment import DEFAULT_STRENGTHS, REAL_DEFAULT_STRENGTHS, LearnedConfig, SweepConfig
     from pagjax.measure import MeasureConfig
-    from pagjax.training import OptimizerConfig
+    from pagjax.training import PAPER_SGD, OptimizerConfig
 
     real = data_lib.is_real_dataset(args.dataset)
 
@@ -91,9 +103,11 @@ def config_from_args(args: argparse.Namespace):
     else:
         defaults = REAL_DEFAULT_STRENGTHS if real else DEFAULT_STRENGTHS
         strengths = {m: defaults.get(m, (0.0,)) for m in methods}
-    optimizer = (OptimizerConfig(name="adam", learning_rate=args.lr) if args.optimizer == "adam"
-                 else OptimizerConfig(name=args.optimizer, learning_rate=args.lr, momentum=0.9, weight_decay=5e-4,
-                                      schedule="piecewise"))
+    if args.optimizer == "adam":
+        optimizer = OptimizerConfig(name="adam", learning_rate=ADAM_LR if args.lr is None else args.lr)
+    else:  # the paper's SGD recipe, its learning rate included unless --lr is given
+        optimizer = dataclasses.replace(PAPER_SGD, name=args.optimizer,
+                                        learning_rate=PAPER_SGD.learning_rate if args.lr is None else args.lr)
     measure = MeasureConfig(eps=_floats(args.eps), regime_eps=args.regime_eps, align_noise=args.align_noise,
                             lpips=not args.no_lpips, pgd_eps=args.robust_eps)
     steps = args.steps if args.steps is not None else (600 if args.dataset == "digits" else 1000)
@@ -112,7 +126,9 @@ def config_from_args(args: argparse.Namespace):
         extra["n_test"] = args.n_test
     return SweepConfig(methods=methods, strengths=strengths, seeds=tuple(int(s) for s in args.seeds.split(",")),
                        dataset=args.dataset, model=args.model, steps=steps, batch_size=args.batch_size,
-                       optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps, measure=measure,
+                       optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps,
+                       official_grad_accumulation=args.official_grad_accumulation,
+                       official_bn_updates=args.official_bn_updates, measure=measure,
                        strategy=args.strategy, augment=args.augment, **extra)
 
 

@@ -16,6 +16,7 @@ Attacks" (2018), L2 PGD with normalised-gradient steps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from pagjax.numerics import per_example_norm, safe_norm
 
 Array = jax.Array
 LossFn = Callable[[Array], Array]  # perturbed inputs (B, ...) -> per-example losses (B,)
+AscentFn = Callable[[Array, Any], tuple[Array, Any]]  # (delta, carry) -> (direction, carry)
 
 BALLS = ("per_example", "whole_batch")
 STARTS = ("uniform_ball", "positive_uniform", "zero")
@@ -64,14 +66,22 @@ def init_delta(key: Array, x: Array, eps, start: str = "uniform_ball", ball: str
 
     * ``uniform_ball``: uniform in the ball (Gaussian direction, radius eps * u^(1/n),
       n the dimension of the ball);
-    * ``positive_uniform``: U[0, 1) noise in every coordinate projected onto the ball (the
-      official code's all-positive start);
+    * ``positive_uniform``: the official code's start. U[0, 1) noise in every coordinate,
+      *rescaled* (not projected) to L2 norm exactly eps / 2, over the whole batch for
+      ``ball="whole_batch"`` (each example for ``"per_example"``). The official
+      ``pgd_l2_`` (utils/regularized_loss.py) draws ``delta = rand_like(X)`` and sets
+      ``delta = epsilon * delta / norm / 2`` with ``norm`` the Frobenius norm of the whole
+      batch's delta. So every entry is >= 0 and the start lies half-way to the sphere,
+      whatever eps is: a projection onto the ball would start at eps instead, and would not
+      rescale at all for eps above ||U|| (about sqrt(n / 3), 362 for a CIFAR-10 batch of
+      128), where the start would then be plain U[0, 1) noise;
     * ``zero``: no random start.
     """
     if start == "zero":
         return jnp.zeros_like(x)
     if start == "positive_uniform":
-        return project_l2_ball(jax.random.uniform(key, x.shape, x.dtype), eps, ball)
+        u = jax.random.uniform(key, x.shape, x.dtype)
+        return 0.5 * eps * u / jnp.maximum(_norms(u, ball), 1e-30)
     k_dir, k_rad = jax.random.split(key)
     direction = jax.random.normal(k_dir, x.shape, x.dtype)
     if ball == "per_example":
@@ -113,7 +123,7 @@ def l2_pgd(
       num_steps: number of ascent steps (>= 0).
       step_size: defaults to 2 * eps / num_steps (the official choice).
       ball: ``"per_example"`` or ``"whole_batch"`` (see module docstring).
-      start: ``"uniform_ball"``, ``"positive_uniform"`` or ``"zero"``.
+      start: ``"uniform_ball"``, ``"positive_uniform"`` or ``"zero"`` (see `init_delta`).
       box: optional (low, high) bounds on x + delta, e.g. (0., 1.).
       unroll: `lax.fori_loop` unrolling (same result). Default: fully unrolled on CPU,
         where a conv net's forward/backward inside a while loop ran several times slower
@@ -121,6 +131,37 @@ def l2_pgd(
 
     The result is wrapped in `stop_gradient`: training differentiates the loss at the
     attack point, not through the attack (Danskin's theorem).
+    """
+    grad_fn = jax.grad(lambda d: jnp.sum(loss_fn(x + d)))
+    delta, _ = l2_pgd_carry(lambda d, carry: (grad_fn(d), carry), x, key, None, eps=eps, num_steps=num_steps,
+                            step_size=step_size, ball=ball, start=start, box=box, unroll=unroll)
+    return delta
+
+
+def l2_pgd_carry(
+    ascent: AscentFn,
+    x: Array,
+    key: Array,
+    carry: Any,
+    *,
+    eps,
+    num_steps: int = 10,
+    step_size=None,
+    ball: str = "per_example",
+    start: str = "uniform_ball",
+    box: tuple[float, float] | None = None,
+    unroll: bool | int | None = None,
+) -> tuple[Array, Any]:
+    """L2 PGD along the directions of ``ascent``, threading a value through the steps.
+
+    ``ascent(delta, carry) -> (direction, carry)`` gives the ascent direction at x + delta
+    (usually the gradient of a loss; only its normalised direction is used) and the
+    carry for the next step. `l2_pgd` is this with the gradient of ``sum(loss_fn)`` and no
+    carry; a training objective uses the carry for what it collects along the attack
+    (BatchNorm statistics of every forward, parameter gradients at every iterate). The
+    first step runs outside the loop, so the carry may change structure on it (e.g. from
+    ``None`` to the first forward's statistics). Returns ``(delta, carry)``, both wrapped
+    in `stop_gradient`. Other arguments as for `l2_pgd`.
     """
     validation.check_choice("ball", ball, BALLS)
     validation.check_choice("start", start, STARTS)
@@ -132,14 +173,17 @@ def l2_pgd(
     else:
         validation.check_strength("step_size", step_size)
 
-    grad_fn = jax.grad(lambda d: jnp.sum(loss_fn(x + d)))
+    def body(_, state):
+        delta, carry = state
+        direction, carry = ascent(delta, carry)
+        delta = normalized_gradient_step(delta, direction, step_size, ball)
+        return project_box(x, project_l2_ball(delta, eps, ball), box), carry
 
-    def body(_, delta):
-        delta = normalized_gradient_step(delta, grad_fn(delta), step_size, ball)
-        return project_box(x, project_l2_ball(delta, eps, ball), box)
-
-    delta0 = project_box(x, init_delta(key, x, eps, start, ball), box)
+    state = (project_box(x, init_delta(key, x, eps, start, ball), box), carry)
+    if num_steps > 0:
+        state = body(0, state)
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
-    delta = jax.lax.fori_loop(0, num_steps, body, delta0, unroll=unroll)
-    return jax.lax.stop_gradient(delta)
+    if num_steps > 1:
+        state = jax.lax.fori_loop(1, num_steps, body, state, unroll=unroll)
+    return jax.lax.stop_gradient(state)

@@ -148,6 +148,9 @@ class SweepConfig:
     official: bool = False
     pgd_steps: int = 5
     smoothness_noise_std: float = 0.1
+    # reproduction switches of the official CIFAR-10 training (pagjax.objectives docstring)
+    official_grad_accumulation: bool = False
+    official_bn_updates: bool = False
     measure: measure_lib.MeasureConfig = measure_lib.MeasureConfig()
     strategy: str = "auto"
     steps_per_call: int = 100
@@ -198,7 +201,9 @@ class SweepConfig:
         training.TrainConfig(model=self.model, steps=self.steps, batch_size=self.batch_size,
                              optimizer=self.optimizer, pgd_steps=self.pgd_steps,
                              smoothness_noise_std=self.smoothness_noise_std).validate()
-        objectives_lib.make_objective("pgd", pgd_steps=self.pgd_steps, smoothness_noise_std=self.smoothness_noise_std)
+        objectives_lib.make_objective("pgd", pgd_steps=self.pgd_steps, smoothness_noise_std=self.smoothness_noise_std,
+                                      official_grad_accumulation=self.official_grad_accumulation,
+                                      official_bn_updates=self.official_bn_updates)
         if self.batch_size > self.n_train:
             raise ValueError(f"batch_size {self.batch_size} exceeds n_train {self.n_train}")
         if self.dataset == "digits" and self.batch_size > 1797 - data_lib.DIGITS_TEST:
@@ -289,7 +294,8 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
     """Train all (strength, seed) models of one method, resuming from its checkpoint."""
     model = models_lib.build_model(config.model, data.num_classes)
     objective = objectives_lib.make_objective(
-        method, official=config.official, pgd_steps=config.pgd_steps, smoothness_noise_std=config.smoothness_noise_std)
+        method, official=config.official, pgd_steps=config.pgd_steps, smoothness_noise_std=config.smoothness_noise_std,
+        official_grad_accumulation=config.official_grad_accumulation, official_bn_updates=config.official_bn_updates)
     from pagjax import data as data_lib
 
     objective = data_lib.with_augmentation(objective, config.augment)

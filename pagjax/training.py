@@ -108,9 +108,11 @@ def make_update_fn(model: models_lib.Model, objective, optimizer) -> Callable:
     def update(state: TrainState, x: Array, y: Array, key: Array, strength) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(key, state.step)
 
-        def forward(params, inputs):
-            logits, updates = model.forward({"params": params, **state.model_state}, inputs)
-            return logits, updates
+        def forward(params, inputs, model_state=None):
+            # model_state: statistics to continue from instead of the step's, for an
+            # objective that chains several training-mode forwards (pagjax.objectives)
+            variables = {"params": params, **state.model_state, **(model_state or {})}
+            return model.forward(variables, inputs)
 
         def loss_fn(params):
             per_example, aux = objective(forward, params, x, y, step_key, strength)
@@ -141,7 +143,8 @@ def make_train_step(model: models_lib.Model, objective, optimizer) -> Callable:
     """`make_update_fn` jitted with the state donated.
 
     The returned function checks the batch's rank and dtype and a concrete strength in
-    Python before dispatching (so bad input fails before compilation).
+    Python before dispatching (so bad input fails before compilation), and passes the
+    strength as a float32 array, so Python floats share the arrays' compilation.
     """
     jitted = jax.jit(make_update_fn(model, objective, optimizer), donate_argnums=0)
 
@@ -149,7 +152,8 @@ def make_train_step(model: models_lib.Model, objective, optimizer) -> Callable:
         validation.check_images("x", x)
         validation.check_labels("y", y, batch=x.shape[0])
         validation.check_strength("strength", strength)
-        return jitted(state, x, y, key, strength)
+        # one dtype for Python floats and arrays alike: a weakly typed float would retrace
+        return jitted(state, x, y, key, jnp.asarray(strength, jnp.float32))
 
     train_step.jitted = jitted
     return train_step
@@ -183,6 +187,8 @@ class TrainConfig:
     pgd_steps: int = 10
     pgd_box: tuple[float, float] | None = None
     smoothness_noise_std: float = 0.1
+    official_grad_accumulation: bool = False  # reproduction switches (pagjax.objectives)
+    official_bn_updates: bool = False
 
     def validate(self):
         validation.check_choice("method", self.method, objectives_lib.METHODS)
@@ -199,6 +205,8 @@ class TrainConfig:
             pgd_steps=self.pgd_steps,
             pgd_box=self.pgd_box,
             smoothness_noise_std=self.smoothness_noise_std,
+            official_grad_accumulation=self.official_grad_accumulation,
+            official_bn_updates=self.official_bn_updates,
         )
 
 

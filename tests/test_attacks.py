@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,11 +87,75 @@ def test_eps_zero_gives_exactly_zero_and_zero_gradient_is_safe():
         assert np.all(np.isfinite(d1))
 
 
-def test_pgd_is_differentiable_wrt_eps_without_nan_and_jits():
+def test_eps_may_be_traced_one_compilation_serves_every_eps_and_vmap_agrees():
+    """A sweep passes eps as a traced scalar (jit, vmap over models): same results as
+    concrete eps, one trace for all values, and eps = 0 inside the batch stays exactly 0."""
     x, y = random_batch(6, 4)
     params = linear_params(jax.random.key(6), 16, 3)
-    f = jax.jit(lambda eps: jnp.sum(attacks.l2_pgd(_loss_fn(params, y), x, jax.random.key(0), eps=eps, num_steps=3)))
-    assert np.isfinite(f(0.5)) and np.isfinite(f(0.0))
+    attack = lambda eps: attacks.l2_pgd(_loss_fn(params, y), x, jax.random.key(0), eps=eps, num_steps=3)  # noqa: E731
+    jitted = jax.jit(chex.assert_max_traces(attack, n=1))
+    grid = jnp.array([0.0, 0.5, 2.0])
+    batched = jax.vmap(attack)(grid)
+    for i, eps in enumerate([0.0, 0.5, 2.0]):
+        want = attack(eps)
+        np.testing.assert_allclose(jitted(jnp.float32(eps)), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batched[i], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_norms(want), eps, rtol=1e-4)  # a linear loss: the attack reaches the sphere
+    np.testing.assert_array_equal(batched[0], 0.0)
+
+
+def test_attack_is_not_differentiated_through():
+    """Danskin: training differentiates the loss at the attack point, so the returned delta
+    carries no gradient, w.r.t. eps or the model (the result is a stop_gradient), while the
+    loss at x + delta has the plain gradient there, finite also at eps = 0."""
+    x, y = random_batch(7, 4)
+    params = linear_params(jax.random.key(7), 16, 3)
+
+    def attacked(p, eps):
+        return attacks.l2_pgd(_loss_fn(p, y), x, jax.random.key(0), eps=eps, num_steps=3)
+
+    d_eps = jax.grad(lambda eps: jnp.sum(attacked(params, eps) ** 2))(1.0)
+    d_params = jax.grad(lambda p: jnp.sum(attacked(p, 1.0) ** 2))(params)
+    assert float(d_eps) == 0.0 and all(np.all(g == 0) for g in jax.tree.leaves(d_params))
+    for eps in (0.0, 1.0):
+        delta = attacked(params, eps)
+        got = jax.grad(lambda p: jnp.sum(_loss_fn(p, y)(x + attacked(p, eps))))(params)
+        want = jax.grad(lambda p: jnp.sum(_loss_fn(p, y)(x + delta)))(params)
+        chex.assert_trees_all_close(got, want, rtol=1e-6)
+        assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(got))
+
+
+@pytest.mark.parametrize("ball", attacks.BALLS)
+@pytest.mark.parametrize("eps", [0.1, 3.0, 1000.0])
+def test_positive_uniform_start_is_nonnegative_at_half_the_radius(ball, eps):
+    """The official start: U[0, 1) rescaled to norm exactly eps / 2 (whole batch or each
+    example), never projected: ||U|| is about 2.3 per example here, far below eps = 1000."""
+    x = jnp.zeros((6, 4, 4, 1))
+    d = np.asarray(attacks.init_delta(jax.random.key(1), x, eps, "positive_uniform", ball), np.float64)
+    assert np.all(d >= 0)
+    norms = _norms(d) if ball == "per_example" else np.linalg.norm(d)
+    np.testing.assert_allclose(norms, eps / 2, rtol=1e-5)
+    u = np.asarray(jax.random.uniform(jax.random.key(1), x.shape), np.float64)
+    unorm = _norms(u)[:, None, None, None] if ball == "per_example" else np.linalg.norm(u)
+    np.testing.assert_allclose(d, eps * u / unorm / 2, rtol=1e-5)
+
+
+def test_carry_is_threaded_through_every_step():
+    """`l2_pgd_carry` calls the ascent once per step, in order, and returns its last carry;
+    the carry may change structure on the first step (None -> a count)."""
+    x, y = random_batch(8, 4)
+    params = linear_params(jax.random.key(8), 16, 3)
+    grad = jax.grad(lambda d: jnp.sum(_loss_fn(params, y)(x + d)))
+
+    def ascent(delta, carry):
+        count, norms = (0, jnp.zeros(5)) if carry is None else carry
+        return grad(delta), (count + 1, norms.at[count].set(jnp.linalg.norm(delta)))
+
+    delta, (count, norms) = attacks.l2_pgd_carry(ascent, x, jax.random.key(0), None, eps=1.0, num_steps=5)
+    assert int(count) == 5
+    assert np.all(np.asarray(norms) > 0)  # every step wrote its slot
+    np.testing.assert_allclose(delta, attacks.l2_pgd(_loss_fn(params, y), x, jax.random.key(0), eps=1.0, num_steps=5),
+                               rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -13,13 +13,16 @@ from pagjax.experiment import SettingsMismatchError, SweepConfig, run_sweep
 from pagjax.measure import MeasureConfig
 from pagjax.training import OptimizerConfig
 
-# A faster cousin of the default run: one method, three strengths, one seed, a smaller
+# A faster cousin of the default run: two methods, three strengths each, one seed, a smaller
 # MLP. The class-informative normal feature is larger (0.3) and the on-manifold classes
 # overlap more (separation 0.6), so the weak model leans on the off-manifold feature
 # within 600 steps: off/on is about 16 at the weakest strength (about 1.1 without the
-# smaller separation, too close to 1 to test reliably).
+# smaller separation, too close to 1 to test reliably). Gradnorm's middle strength, 0.15,
+# has off/on about 0.26; at 0.1 it was 0.74-0.89 depending on how many models shared the
+# vmapped sweep, too close to 1.
+PHYSICS_STRENGTHS = {"noise": (0.01, 0.3, 3.0), "gradnorm": (1e-3, 0.15, 100.0)}
 PHYSICS = SweepConfig(
-    methods=("noise",), strengths={"noise": (0.01, 0.3, 3.0)}, seeds=(0,),
+    methods=("noise", "gradnorm"), strengths=PHYSICS_STRENGTHS, seeds=(0,),
     dataset_kwargs={"normal_offset": 0.3, "class_separation": 0.6}, n_train=2048, n_test=512, model="mlp:width=128", steps=600,
     optimizer=OptimizerConfig(learning_rate=3e-3), measure=MeasureConfig(num_eval=128, num_directions=2, lpips=False),
 )
@@ -39,9 +42,13 @@ def physics_run(tmp_path_factory):
     return out, summaries, rows
 
 
-def test_known_manifold_sweep_shows_weak_then_aligned_then_excessive(physics_run):
-    _, summaries, rows = physics_run
+@pytest.mark.parametrize("method", PHYSICS.methods)
+def test_known_manifold_sweep_shows_weak_then_aligned_then_excessive(physics_run, method):
+    _, summaries, all_rows = physics_run
+    rows = [r for r in all_rows if r["method"] == method]
     v = lambda col: np.array([float(r[col]) for r in rows])  # noqa: E731  (rows in strength order)
+    weakest, middle, _ = PHYSICS_STRENGTHS[method]
+    assert v("strength").tolist() == list(PHYSICS_STRENGTHS[method])
     on, off, frac, cos, acc = v("on_change"), v("off_change"), v("grad_on_manifold_fraction"), v("bayes_cosine"), v("accuracy")
     bayes_frac = v("bayes_fraction")[0]
     # weakest: off-manifold change above on-manifold, gradient far less on-manifold than Bayes
@@ -53,19 +60,22 @@ def test_known_manifold_sweep_shows_weak_then_aligned_then_excessive(physics_run
     # strongest: accuracy and on-manifold change collapse
     assert acc[-1] < 0.6 * acc.max() and on[-1] < 0.5 * on.max()
     assert [r["regime"] for r in rows] == ["weak", "bayes_aligned", "excessive"]
-    s = summaries[0]
-    assert s["crossover"] is not None and 0.01 < s["crossover"] < 0.3
-    assert s["peak_at"] == 0.3
+    s = next(x for x in summaries if x["method"] == method)
+    assert s["crossover"] is not None and weakest < s["crossover"] < middle
+    assert s["peak_at"] == middle
 
 
 def test_outputs_are_complete(physics_run):
     out, _, rows = physics_run
-    for name in ("config.json", "results.csv", "regimes.json", "summary.json", "figure3.png", "gradients_noise.png"):
+    for name in ("config.json", "results.csv", "regimes.json", "summary.json", "figure3.png", "gradients_noise.png",
+                 "gradients_gradnorm.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert set(experiment.RESULT_COLUMNS) <= set(rows[0])
     assert rows[0]["lpips_alignment"] == "" and rows[0]["diverged"] == "false"
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["settings"]["strengths"] == {"noise": [0.01, 0.3, 3.0]} and "jax" in cfg["versions"]
+    assert cfg["settings"]["strengths"] == {m: list(v) for m, v in PHYSICS_STRENGTHS.items()}
+    assert "jax" in cfg["versions"]
+    assert cfg["settings"]["official_grad_accumulation"] is False and cfg["settings"]["official_bn_updates"] is False
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # atomic writes left no temp files
 
 
@@ -146,6 +156,22 @@ def test_cli_help_and_bad_flags(capsys):
     assert "increasing" in capsys.readouterr().err
     cfg = sweep_eps.config_from_args(sweep_eps.parse_args(["--methods", "pgd", "--log-range", "0.01,1,3"]))
     np.testing.assert_allclose(cfg.strengths["pgd"], [0.01, 0.1, 1.0])
+
+
+def test_cli_optimizer_defaults_and_reproduction_switches():
+    from experiments import sweep_eps
+
+    config = lambda *argv: sweep_eps.config_from_args(sweep_eps.parse_args(list(argv)))  # noqa: E731
+    adam, sgd = config().optimizer, config("--optimizer", "sgd").optimizer
+    assert (adam.name, adam.learning_rate) == ("adam", 2e-3)
+    assert (sgd.name, sgd.learning_rate, sgd.momentum, sgd.weight_decay, sgd.schedule) == (
+        "sgd", 0.025, 0.9, 5e-4, "piecewise")
+    assert config("--optimizer", "sgd", "--lr", "0.1").optimizer.learning_rate == 0.1
+    assert config("--lr", "0.01").optimizer.learning_rate == 0.01
+    plain, switched = config(), config("--official", "--official-grad-accumulation", "--official-bn-updates")
+    assert not (plain.official_grad_accumulation or plain.official_bn_updates)
+    assert switched.official and switched.official_grad_accumulation and switched.official_bn_updates
+    assert switched.settings()["official_grad_accumulation"] and switched.settings()["official_bn_updates"]
 
 
 def test_execution_details_are_not_settings():

@@ -8,6 +8,7 @@ import pytest
 from conftest import NUM_FAKE_DEVICES
 from helpers import toy_task
 from pagjax import devices
+from pagjax import io as io_lib
 from pagjax.models import build_model
 from pagjax.objectives import make_objective
 from pagjax.training import (
@@ -31,30 +32,69 @@ def _state_and_step(method="gradnorm", model_name="mlp:width=16", opt=OptimizerC
     return state, update, jnp.asarray(x), jnp.asarray(y)
 
 
-def test_step_compiles_once_for_all_strengths_keys_and_steps():
-    state, update, x, y = _state_and_step()
-    step = jax.jit(chex.assert_max_traces(update, n=1), donate_argnums=0)
-    for i, strength in enumerate([0.0, 0.1, 3.0]):
-        state, metrics = step(state, x, y, jax.random.key(i), jnp.float32(strength))
-    assert int(state.step) == 3
+def _fresh(method="noise", model_name="mlp:width=16"):
+    """(model, optimizer, objective, initial state, x, y): create again for an identical state."""
+    model = build_model(model_name, 2)
+    optimizer = make_optimizer(OptimizerConfig(), 100)
+    x, y = toy_task(32)
+    state = create_train_state(model, optimizer, jax.random.key(0), jnp.asarray(x))
+    return model, optimizer, make_objective(method), state, jnp.asarray(x), jnp.asarray(y)
+
+
+def test_train_step_compiles_once_for_all_strengths_keys_and_steps():
+    model, optimizer, objective, state, x, y = _fresh("gradnorm")
+
+    # The objective is called once per trace of make_train_step's own jit: a retrace fails here.
+    @chex.assert_max_traces(n=1)
+    def counted(*args):
+        return objective(*args)
+
+    step = make_train_step(model, counted, optimizer)
+    for i, strength in enumerate([0.0, 0.1, jnp.float32(3.0), 2]):  # Python numbers and arrays
+        state, metrics = step(state, x, y, jax.random.key(i), strength)
+    assert int(state.step) == 4
     assert bool(metrics["finite"])
+    assert step.jitted._cache_size() == 1
 
 
-def test_per_step_key_is_fold_in_of_the_step_so_resuming_is_exact():
-    state0, update, x, y = _state_and_step(method="noise")
-    step = jax.jit(update)
+def test_per_step_key_is_fold_in_of_the_key_and_the_step_counter():
+    """The update at step 5 draws its noise from fold_in(key, 5), not from key itself."""
+    model, optimizer, objective, state, x, y = _fresh("noise")
     key = jax.random.key(7)
-    s = state0
+    new, _ = jax.jit(make_update_fn(model, objective, optimizer))(state._replace(step=jnp.int32(5)), x, y, key, 0.5)
+    forward = lambda p, inputs: model.forward({"params": p}, inputs)  # noqa: E731
+
+    def by_hand(step_key):
+        grads = jax.grad(lambda p: jnp.mean(objective(forward, p, x, y, step_key, 0.5)[0]))(state.params)
+        updates, _ = optimizer.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates)
+
+    chex.assert_trees_all_close(new.params, by_hand(jax.random.fold_in(key, 5)), rtol=1e-5, atol=1e-7)
+    for other in (key, jax.random.fold_in(key, 4)):  # the noise really depends on the step's key
+        diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params, by_hand(other))
+        assert max(jax.tree.leaves(diff)) > 1e-5
+
+
+def test_a_run_resumed_from_a_checkpoint_on_disk_equals_an_uninterrupted_one(tmp_path):
+    model, optimizer, objective, state, x, y = _fresh("noise")
+    step = make_train_step(model, objective, optimizer)
+    key = jax.random.key(7)
     for _ in range(4):
-        s, _ = step(s, x, y, key, 0.5)
-    # Resume from step 2 with the same key: identical parameters.
-    r = state0
+        state, _ = step(state, x, y, key, jnp.float32(0.5))
+    interrupted = _fresh("noise")[3]
     for _ in range(2):
-        r, _ = step(r, x, y, key, 0.5)
-    r = jax.tree.map(jnp.array, r)  # "saved and restored"
+        interrupted, _ = step(interrupted, x, y, key, jnp.float32(0.5))
+    ckpt = io_lib.Checkpointer(str(tmp_path))
+    ckpt.save(2, interrupted)
+    ckpt.close()
+    ckpt = io_lib.Checkpointer(str(tmp_path))
+    saved_step, resumed = ckpt.restore_latest(_fresh("noise")[3])  # a new process would start here
+    ckpt.close()
+    assert saved_step == 2 and int(resumed.step) == 2
     for _ in range(2):
-        r, _ = step(r, x, y, key, 0.5)
-    chex.assert_trees_all_close(s.params, r.params, rtol=0, atol=0)
+        resumed, _ = step(resumed, x, y, key, jnp.float32(0.5))
+    chex.assert_trees_all_close(state.params, resumed.params, rtol=0, atol=0)
+    chex.assert_trees_all_close(state.opt_state, resumed.opt_state, rtol=0, atol=0)
 
 
 def test_non_finite_update_is_skipped_and_reported():
