@@ -11,6 +11,7 @@ import math
 import os
 
 import jax
+import pytest
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "quickstart.ipynb")
 
@@ -62,3 +63,16 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
         assert 0.0 <= row["accuracy"] <= 1.0
         assert -1.0 <= row["cosine_exact_bayes"] <= 1.0 and -1.0 <= row["cosine_learned_bayes"] <= 1.0
 
+
+
+def test_install_cell_refuses_a_missing_source_instead_of_asking_an_index(monkeypatch, tmp_path):
+    import importlib.util
+    import subprocess
+
+    install_cell = _code_cells(NOTEBOOK)[0]
+    assert "pip" in install_cell
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as if not installed
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    monkeypatch.setenv("PAGJAX_SOURCE", str(tmp_path / "nothing-here"))
+    with pytest.raises(FileNotFoundError, match="pyproject.toml"):
+        exec(compile(install_cell, "quickstart.ipynb code cell 0", "exec"), {"__name__": "__main__"})
