@@ -1,6 +1,6 @@
 """Benchmark: tangent-space construction and on/off-manifold measurement, batched vs naive.
 
-Setting (the paper's CIFAR-10 measurement, PAPER.md section 3): 32x32x3 images (d = 3072),
+Setting (the paper's CIFAR-10 measurement, docs/theory.md §5): 32x32x3 images (d = 3072),
 a convolutional decoder with a 128-d latent, a small CNN classifier, eps in
 {1.44, 2.64, 4.83, 8.86}, one Gaussian direction per image.
 

@@ -4,7 +4,7 @@ Run:      python -m experiments.run_config configs/cifar10_smoothness.py --data-
           (prepare CIFAR-10 first on a machine with network: python -m pagjax.data download cifar10)
 Smoke:    python -m experiments.run_config configs/cifar10_smoothness.py --smoke   (CPU, offline digits, < 1 min)
 Hardware: one GPU (H100/A100) or a Colab TPU; add --strategy loop if 30 vmapped ResNet-18s do not fit in memory.
-Expect:   the same weak -> Bayes-aligned -> excessive sequence as the other methods (PAPER.md section 1);
+Expect:   the same weak -> Bayes-aligned -> excessive sequence as the other methods (docs/theory.md §3);
           the paper's Figure 3 does not give numbers for this method.
 Cost:     two forward passes per step: ~1.5 accelerator-hours per model, ~45 H100-hours for the 30
           models (estimate, not measured).

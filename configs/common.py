@@ -1,4 +1,4 @@
-"""The paper's CIFAR-10 recipe (PAPER.md sections 2-3), shared by the cifar10_* configs.
+"""The paper's CIFAR-10 recipe (docs/theory.md §4-5), shared by the cifar10_* configs.
 
 Training (official code): CIFAR ResNet-18, inputs in [0, 1] without normalisation, random
 crop (pad 4) + horizontal flip, SGD momentum 0.9, weight decay 5e-4, batch 128, 200 epochs
@@ -33,7 +33,7 @@ EPOCHS = 200
 PAPER_STEPS = EPOCHS * (CIFAR10_TRAIN // BATCH)  # 78,000
 PAPER_EPS = (1.44, 2.64, 4.83, 8.86)
 
-# The official 30-value strength grids (PAPER.md section 2).
+# The official 30-value strength grids (docs/theory.md §4; their units: docs/design.md §4).
 GRIDS = {
     "gradnorm": tuple(float(v) for v in np.logspace(-5, 2, 30)),
     "smoothness": tuple(float(v) for v in np.logspace(-4, 4, 30)),

@@ -109,14 +109,12 @@ def run(args, log=print) -> dict:
 
 
 def _plot(rows, names, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from pagjax import plots
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))
+    a, b = fig.subplots(1, 2)
     for name in names:
         r = [x for x in rows if x["model"] == name]
         lv = [x["level"] for x in r]

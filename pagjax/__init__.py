@@ -1,10 +1,42 @@
-"""pagjax: which models have perceptually-aligned gradients, in JAX.
+"""pagjax: which models have perceptually-aligned gradients, and why, in JAX.
 
-The most used entry points are re-exported here; every module is importable on its own
-(`pagjax.manifolds`, `pagjax.geometry`, `pagjax.robustness`, `pagjax.scores`, ...).
+A reimplementation of Srinivas, Bordt & Lakkaraju, "Which Models have Perceptually-Aligned
+Gradients? An Explanation via Off-Manifold Robustness" (NeurIPS 2023). Everything is a pure
+function of arrays, parameters and explicit PRNG keys, and runs under `jax.jit` on CPU, GPU
+and TPU.
+
+Where to start:
+
+* ``notebooks/quickstart.ipynb``: known-manifold data, a robust and a standard model,
+  `grad_align` against the exact Bayes gradient and a learned score, on every device.
+* ``docs/theory.md``: the science (the three regimes, off-manifold robustness, the
+  Bayes-optimal gradient); ``docs/design.md``: the library's conventions.
+* ``python -m experiments.sweep_eps``: the main experiment (see README.md).
+
+Exported here (the most used entry points):
+
+* models: `build_model` -> `Model` (pure ``init`` / ``apply`` / ``forward``);
+* training: `make_objective` (one of `METHODS`, options in `ObjectiveOptions`),
+  `make_train_step` (one jitted step on a `TrainState`), `train` (one model, from a
+  `TrainConfig` with an `OptimizerConfig`);
+* gradients: `input_gradients`, `value_and_input_gradients`;
+* alignment: `grad_align` -> `AlignmentResult` (``import pagjax.grad_align`` and
+  ``from pagjax import grad_align`` give the same callable);
+* regimes: `label_regimes` (weak / Bayes-aligned / excessive).
+
+Every module is importable on its own; the main ones beside these:
+`pagjax.manifolds` (known-manifold data with exact tangent spaces, scores and Bayes
+quantities), `pagjax.scores` (exact and learned scores), `pagjax.robustness` (on/off-manifold
+change, the gradient's on-manifold fraction), `pagjax.geometry` (tangent spaces),
+`pagjax.sweep` (many models at once), `pagjax.devices` (meshes), `pagjax.data` (real
+images), `pagjax.generate`, `pagjax.distractor`, `pagjax.plots`, `pagjax.io`.
 """
 from pagjax.gradients import input_gradients, value_and_input_gradients
-from pagjax.alignment import AlignmentResult, grad_align
+from pagjax.alignment import AlignmentResult
+# `grad_align` is a callable submodule (see pagjax/grad_align.py): imported here so that
+# `pagjax.grad_align` is the same object whether users write `import pagjax.grad_align` or
+# `from pagjax import grad_align`, in any order.
+from pagjax import grad_align
 from pagjax.models import Model, build_model
 from pagjax.objectives import METHODS, ObjectiveOptions, make_objective
 from pagjax.regimes import label_regimes

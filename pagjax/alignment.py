@@ -1,4 +1,4 @@
-"""Perceptual alignment of input-gradients with scores (PAPER.md section 3).
+"""Perceptual alignment of input-gradients with scores (docs/theory.md §5).
 
 "How perceptually aligned are this model's gradients?" is answered by comparing each
 example's input-gradient (`pagjax.gradients`) with a score map at the same input:
@@ -318,7 +318,7 @@ def grad_align(
     ssim_max_val: float | None = None,
     cache: scores_lib.ScoreCache | None = None,
 ) -> AlignmentResult:
-    """How perceptually aligned are a model's input-gradients? (PAPER.md section 3)
+    """How perceptually aligned are a model's input-gradients? (docs/theory.md §5)
 
     Computes each example's input-gradient of `target` (see `pagjax.gradients`),
     compares it with the score map at the same input and returns per-example values and

@@ -1,4 +1,4 @@
-"""The signal/distractor experiment (PAPER.md section 3): where do robust models look?
+"""The signal/distractor experiment (docs/theory.md §5): where do robust models look?
 
 Each image is a two-slot canvas (two halves stacked vertically): a digit (the *signal*,
 which alone determines the label) in one half and a *distractor* (a rendered letter,

@@ -19,7 +19,7 @@ Execution details (``strategy``, ``steps_per_call``, ``checkpoint_every``, ``dat
 Real images (``dataset`` one of `pagjax.data.dataset_names()`: ``digits`` always,
 ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet64`` when prepared) have no known
 manifold or density. The sweep then learns both, once per output folder (cached under
-``learned/``): a tangent space from an autoencoder's decoder Jacobian (PAPER.md section 3,
+``learned/``): a tangent space from an autoencoder's decoder Jacobian (docs/theory.md §5,
 `pagjax.autoencoder`) and a score from a denoiser (`pagjax.scores`). The denoiser is
 class-conditional with an extra "no label" class, trained on every image twice (once with
 its label, once with the null label), the classifier-free-guidance trick of Ho & Salimans

@@ -1,6 +1,6 @@
 """Generation, denoising and in-painting with a classifier's input-gradient alone.
 
-PAPER.md section 1: perceptually-aligned gradients give robust classifiers rudimentary
+docs/theory.md §1: perceptually-aligned gradients give robust classifiers rudimentary
 generative abilities. The three procedures below use nothing but
 ``grad_x log p(y|x)`` of a trained classifier ``apply_fn(params, x) -> logits`` (pure,
 inference mode); no generative model is involved.

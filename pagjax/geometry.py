@@ -7,7 +7,7 @@ Conventions (shared by `pagjax.robustness` and every caller):
 * A *tangent basis* is an array with orthonormal columns, either ``(d, k)`` (one subspace
   shared by every example, e.g. a linear manifold) or ``(n, d, k)`` (one per example).
   Columns beyond a generator's numerical rank are exactly zero, so ``U @ U.T`` is still the
-  orthogonal projector onto the tangent space (PAPER.md section 1: ``P``), and
+  orthogonal projector onto the tangent space (docs/theory.md §1: ``P``), and
   ``trace(P) = ||U||_F^2`` is the rank.
 
 The tangent space of a generated manifold ``x = g(z)`` at ``z`` is the column space of the

@@ -63,6 +63,10 @@ def value_and_input_gradients(
       x: a batch of inputs, batch first (NHWC images or flat vectors).
       labels: int class per example; required except for ``target="logit_sum"``.
       target: one of ``"logit"``, ``"logprob"``, ``"loss"``, ``"logit_sum"``.
+
+    Returns:
+      ``(values, grads)``: the per-example scalars, shape (B,), and their gradients with
+      respect to `x`, shape of `x`.
     """
     _check(x, labels, target)
 
@@ -77,5 +81,19 @@ def value_and_input_gradients(
 def input_gradients(
     apply_fn: ApplyFn, params, x: Array, labels: Array | None = None, *, target: str = "logprob"
 ) -> Array:
-    """Per-example input-gradients of `target` (see `value_and_input_gradients`)."""
+    """Per-example input-gradients of `target`, in one backward pass for the whole batch.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits`` of shape (B, K), inference mode (each
+        example's logits must depend on that example only).
+      params: the model's parameters (any pytree).
+      x: a batch of inputs, batch first (NHWC images or flat vectors).
+      labels: int class per example; required except for ``target="logit_sum"``.
+      target: ``"logprob"`` (log p(y|x), the theory's quantity), ``"logit"``, ``"loss"``
+        or ``"logit_sum"`` (the official code's alignment convention).
+
+    Returns:
+      the gradients, shape of `x`: row i is d target_i / d x_i. Use
+      `value_and_input_gradients` to get the scalars too.
+    """
     return value_and_input_gradients(apply_fn, params, x, labels, target=target)[1]

@@ -6,7 +6,7 @@ accuracy, the LPIPS network); `measure_model` then measures any number of models
 against it:
 
 * ``accuracy`` on the whole test set (and ``bayes_accuracy``, where the density is known);
-* on/off-manifold softmax change (L1, PAPER.md section 3) at every eps of
+* on/off-manifold softmax change (L1, docs/theory.md §5) at every eps of
   ``eps``, averaged over images and ``num_directions`` random directions, and their ratio
   at ``regime_eps``;
 * ``grad_on_manifold_fraction`` ||P g|| / ||g|| of the input-gradient of ``target``

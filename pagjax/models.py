@@ -122,7 +122,13 @@ MODEL_NAMES = tuple(_MODULES)
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A Flax module seen as pure functions (see the module docstring)."""
+    """A Flax module seen as pure functions (see the module docstring).
+
+    Attributes:
+      name: the name it was built from, e.g. ``"mlp:width=256"``.
+      module: the Flax module.
+      num_classes: number of output logits.
+    """
 
     name: str
     module: nn.Module
@@ -157,7 +163,22 @@ def _parse_options(text: str) -> dict[str, Any]:
 
 
 def build_model(name: str, num_classes: int, **overrides) -> Model:
-    """Build a model from a name such as ``"cnn"`` or ``"mlp:width=256,act=softplus"``."""
+    """Build a model from a name such as ``"cnn"`` or ``"mlp:width=256,act=softplus"``.
+
+    Args:
+      name: ``mlp``, ``cnn`` or ``resnet18`` (the paper's CIFAR ResNet-18), optionally
+        followed by ``:key=value,...`` options of that network (width, depth, act, ...).
+      num_classes: number of output logits.
+      **overrides: the same options as keyword arguments; they win over the name's.
+
+    Returns:
+      a `Model` with pure ``init(key, x)``, ``apply(variables, x) -> logits`` (inference)
+      and ``forward(variables, x) -> (logits, state)`` (training mode). Inputs are NHWC
+      images in [0, 1].
+
+    Raises:
+      ValueError: for an unknown name, option or activation.
+    """
     base, _, opts = name.partition(":")
     validation.check_choice("model name", base, MODEL_NAMES)
     validation.check_positive_int("num_classes", num_classes)

@@ -23,7 +23,7 @@ name            per-example objective                              strength
 ``pgd``         CE(f(x + delta*), y), delta* = L2-PGD, radius eps  eps
 ==============  ================================================  ==========
 
-Official conventions (``official=True``), and how to convert:
+Official conventions (``official=True``, docs/design.md §4), and how to convert:
 
 * ``gradnorm``: the official code penalises ``c * 1e5 / B * ||grad_x mean_i CE_i||^2``.
   Since grad_x mean_i CE_i has rows g_i / B, that equals the batch mean of

@@ -4,13 +4,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import matplotlib
+import matplotlib.patches
+import numpy as np
+# Figures are built with the object-oriented API (no pyplot) and rendered only by `savefig`,
+# so importing this module never switches the user's backend: a notebook's inline plots
+# keep working, and a machine without a display needs no setting.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pagjax import io as io_lib  # noqa: E402
+from pagjax import io as io_lib
 
 REGIME_COLOURS = {"weak": "#f4cccc", "bayes_aligned": "#d9ead3", "excessive": "#cfe2f3"}
 
@@ -48,7 +49,8 @@ def figure3(curves: dict, path: str, *, strength_names: dict | None = None) -> N
     Top: on- and off-manifold change; bottom: accuracy and alignment, regimes shaded.
     """
     methods = list(curves)
-    fig, axes = plt.subplots(2, len(methods), figsize=(3.4 * len(methods), 5.6), squeeze=False, sharex="col")
+    fig = Figure(figsize=(3.4 * len(methods), 5.6))
+    axes = fig.subplots(2, len(methods), squeeze=False, sharex="col")
     for j, method in enumerate(methods):
         c = curves[method]
         x = _plot_positions(c["strengths"])
@@ -80,8 +82,8 @@ def _grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: str, titl
     """Rows of images (each (n, H, W, C)), one row label each; ``draw(ax, image)`` fills a
     cell. Figure size: `cell` inches per image plus `margin` (width, height) inches."""
     n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + margin[0], cell * n_rows + margin[1]),
-                             squeeze=False)
+    fig = Figure(figsize=(cell * n_cols + margin[0], cell * n_rows + margin[1]))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for i, (images, label) in enumerate(zip(rows, row_labels)):
         for j in range(n_cols):
             ax = axes[i, j]
@@ -129,7 +131,6 @@ def image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: str,
 
 def _save(fig, path):
     io_lib.atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=path.rsplit(".", 1)[-1]), mode="wb")
-    plt.close(fig)
 
 
 def strength_label(value: float) -> str:

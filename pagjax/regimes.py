@@ -1,4 +1,4 @@
-"""Labelling the three regimes of PAPER.md section 1 from measured curves.
+"""Labelling the three regimes of docs/theory.md §3 from measured curves.
 
 Along a sweep of increasing robustness strength:
 
@@ -75,6 +75,11 @@ def label_regimes(
       chance: chance accuracy (1 / number of classes).
       on_collapse: excessive once on-change < on_collapse * its peak.
       accuracy_collapse: excessive once accuracy < aligned - accuracy_collapse * (aligned - chance).
+
+    Returns:
+      a `RegimeResult`: one label per strength (``"weak"``, ``"bayes_aligned"``,
+      ``"excessive"``), the crossover strength (None if off/on never falls to 1), the first
+      strength of each later regime, the thresholds used and one reason per label.
     """
     s = np.asarray(strengths, np.float64)
     on, off, acc = (np.asarray(a, np.float64) for a in (on_change, off_change, accuracy))

@@ -1,4 +1,4 @@
-"""On/off-manifold robustness and the gradient's on-manifold fraction (PAPER.md section 3).
+"""On/off-manifold robustness and the gradient's on-manifold fraction (docs/theory.md §5).
 
 * `on_off_manifold_change`: for each image x, Gaussian directions n ~ N(0, I) are split
   into their tangent part P n and normal part (I - P) n, each scaled to unit L2 norm, and

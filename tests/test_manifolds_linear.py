@@ -1,4 +1,4 @@
-"""The linear known manifold: closed forms checked against the theory (PAPER.md sections 1, 6),
+"""The linear known manifold: closed forms checked against the theory (docs/theory.md §2, §6),
 autodiff, a dense multivariate-normal reference, Tweedie's formula and Monte Carlo."""
 import dataclasses
 import math
@@ -332,7 +332,7 @@ def test_bayes_accuracy_behaviour(default):
 
 def test_on_manifold_fraction_rises_with_noise_level(default):
     """normal_offset > 0: the Bayes gradient is mostly normal for s << offset and becomes
-    almost tangent as s grows past the normal component's size (PAPER.md section 6)."""
+    almost tangent as s grows past the normal component's size (docs/theory.md §6)."""
     m = default
     medians = []
     for s in [0.0, 0.03, 0.1, 0.3, 1.0, 3.0]:

@@ -21,7 +21,7 @@ import pytest
 
 from tests._gm_fixture import make_fixture
 
-# the module is pagjax.alignment; `pagjax.grad_align` is the function
+# the implementation lives in pagjax.alignment; `pagjax.grad_align` is a callable module forwarding to it
 ga = importlib.import_module("pagjax.alignment")
 scores = importlib.import_module("pagjax.scores")
 

@@ -10,7 +10,7 @@ controlled numerical accuracy). For a noise level ``s >= 0`` of Gaussian noise a
 * ``log_posterior``   log p_s(y | x), the Bayes-optimal classifier (n, C)
 * ``class_score``     grad_x log p_s(x | y)
 * ``score``           grad_x log p_s(x)
-* ``bayes_gradient``  grad_x log p_s(y | x) = class_score - score  (PAPER.md section 1)
+* ``bayes_gradient``  grad_x log p_s(y | x) = class_score - score  (docs/theory.md §2)
 * ``posterior_mean``  E[x0 | x], so that score = (E[x0 | x] - x) / s^2 (Tweedie)
 
 Images are NHWC float32, labels int32, latents (n, latent_dim). Class priors are uniform.

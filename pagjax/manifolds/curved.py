@@ -10,7 +10,7 @@ bars, gentle arcs, "C" shapes. The manifold {g(z)} is 3-dimensional and curved.
 Classes. y ~ Uniform{0..C-1}; position (u, v) ~ Uniform[-1, 1]^2 for every class; the bend
 b | y ~ Normal(m_y, class_spread * spacing) truncated to [-1, 1], with centres m_y evenly
 spaced in [-0.75, 0.75]. All classes share one manifold and differ only in their density
-along it (the setting of PAPER.md section 1), so the Bayes gradient is tangent for small noise.
+along it (the setting of docs/theory.md §2), so the Bayes gradient is tangent for small noise.
 Class 0 = strongly bent left, ..., class C-1 = strongly bent right.
 
 Observation noise. x0 = g(z) + observation_noise * e, e ~ N(0, I_d) (default 0.05), so that

@@ -8,7 +8,7 @@ Generative model (all in flattened pixel space R^d, d = H*W*C):
 
 ``U`` (d, k) has orthonormal columns that are smooth image patterns (a random low-pass
 field, orthonormalised), ``v_y`` are orthonormal directions in the normal complement
-(high-frequency: the "non-robust features" of PAPER.md section 6) and ``P_perp = I - U U^T``.
+(high-frequency: the "non-robust features" of docs/theory.md §6) and ``P_perp = I - U U^T``.
 
 Scale: latent coordinates t have scale about 1 (component means ~ N(0, class_separation^2/2)
 per coordinate, within-component std ``component_std``); images sit around ``center`` = 0.5,
@@ -28,7 +28,7 @@ factor is identical for all classes and is dropped: densities are taken with res
 Lebesgue measure of the affine subspace, and scores have no normal part.
 
 References: Tweedie's formula E[x0|x] = x + s^2 grad log p_s(x) (Robbins 1956, Efron 2011);
-the Bayes gradient as a difference of scores, PAPER.md section 1.
+the Bayes gradient as a difference of scores, docs/theory.md §2.
 """
 from __future__ import annotations
 
@@ -366,7 +366,7 @@ def make_linear_manifold(
 
 def default_linear_manifold(key: Array | int = 0, **overrides) -> LinearManifold:
     """The project's default sweep data: 16x16x1 images (d = 256), k = 8, 4 classes,
-    2 components per class, normal_offset = 0.1, normal_noise = 0.02 (PAPER.md section 6).
+    2 components per class, normal_offset = 0.1, normal_noise = 0.02 (docs/theory.md §6).
     Keyword ``overrides`` replace any of these."""
     params = dict(image_shape=(16, 16, 1), intrinsic_dim=8, num_classes=4, components_per_class=2,
                   normal_offset=0.1, normal_noise=0.02)
