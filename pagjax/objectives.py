@@ -271,7 +271,16 @@ class ObjectiveOptions:
 
 
 def make_objective(name: str, options: ObjectiveOptions | None = None, **kwargs) -> Objective:
-    """Objective by method name: ``ce``, ``gradnorm``, ``smoothness``, ``noise``, ``pgd``."""
+    """Objective by method name: ``ce``, ``gradnorm``, ``smoothness``, ``noise``, ``pgd``.
+
+    Args:
+      name: the method (one of `METHODS`).
+      options: an `ObjectiveOptions`; keyword arguments override its fields (or build one).
+      **kwargs: `ObjectiveOptions` fields (``official``, ``pgd_steps``, ...).
+
+    Returns:
+      a pure ``objective(forward, params, x, y, key, strength) -> (per_example_loss, aux)``.
+    """
     validation.check_choice("objective", name, METHODS)
     opts = options or ObjectiveOptions(**kwargs)
     if options is not None and kwargs:

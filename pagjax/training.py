@@ -145,6 +145,14 @@ def make_train_step(model: models_lib.Model, objective, optimizer) -> Callable:
     The returned function checks the batch's rank and dtype and a concrete strength in
     Python before dispatching (so bad input fails before compilation), and passes the
     strength as a float32 array, so Python floats share the arrays' compilation.
+
+    Args:
+      model: a `pagjax.models.Model`.
+      objective: from `pagjax.objectives.make_objective`.
+      optimizer: an optax optimizer (e.g. from `make_optimizer`).
+
+    Returns:
+      ``train_step(state, x, y, key, strength) -> (state, metrics)``; ``state`` is donated.
     """
     jitted = jax.jit(make_update_fn(model, objective, optimizer), donate_argnums=0)
 
