@@ -6,8 +6,7 @@ decoder's Jacobian at the encoder's code of x. This module provides
 
 * `Autoencoder`: linen module, MLP or convolutional, configurable latent size; a
   deterministic encoder, so its output *is* the mean code;
-* `train_autoencoder`: a self-contained optax (Adam, MSE) loop, the whole run one jitted
-  `lax.scan`;
+* `train_autoencoder`: Adam on the MSE, trained by the one engine (`pagjax.engine`);
 * `save_autoencoder` / `load_autoencoder`: orbax checkpoint of the parameters plus a JSON
   record of the architecture and training settings;
 * `learned_tangent_basis`: orthonormalised decoder Jacobian (forward-mode, one JVP per
@@ -23,10 +22,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from pagjax import io as io_lib
-from pagjax import geometry, validation
+from pagjax import engine, geometry, validation
 
 Array = jax.Array
 ARCHS = ("mlp", "conv")
@@ -114,11 +114,12 @@ class Autoencoder(nn.Module):
 
 
 class TrainedAutoencoder(NamedTuple):
-    """A model definition with its parameters and the training loss per step."""
+    """A model definition with its parameters and its training curve."""
 
     model: Autoencoder
     params: Any
-    losses: Array
+    losses: Array  # the training loss at the end of each logged chunk (see ``steps_logged``)
+    steps_logged: Any = None  # the step of each entry of ``losses``
 
 
 def _check_model_config(image_shape, latent_dim, arch, features):
@@ -154,11 +155,28 @@ def train_autoencoder(
     arch: str = "mlp",
     hidden: Sequence[int] = (256,),
     features: Sequence[int] = (32, 64),
+    log_every: int = 50,
+    checkpointer=None,
+    checkpoint_every: int | None = None,
+    progress: str | None = None,
 ) -> TrainedAutoencoder:
     """Train an autoencoder on ``x_train`` (N, ...) by Adam on the mean squared error.
 
-    Minibatches are drawn uniformly with replacement; the whole run is one jitted
-    ``lax.scan`` over ``steps``. Returns a `TrainedAutoencoder` (model, params, losses).
+    Training runs on the project's one engine (`pagjax.engine.train_loop`): epochs of
+    shuffled minibatches, the step loop chosen per backend, optional orbax checkpoints
+    (a rerun with the same ``checkpointer`` resumes) and a progress bar.
+
+    Args:
+      x_train: (N, ...) float examples.
+      latent_dim, arch, hidden, features: the architecture (`make_autoencoder`).
+      steps, batch_size, learning_rate: the optimisation.
+      key: PRNG key (initialisation and batch order).
+      log_every: steps between entries of the returned loss curve.
+      checkpointer, checkpoint_every: a `pagjax.io.Checkpointer` and its interval.
+      progress: a progress-bar title, or None for none.
+
+    Returns:
+      a `TrainedAutoencoder` (model, params, losses every ``log_every`` steps).
     """
     validation.check_images("x_train", x_train, ranks=(2, 3, 4))
     validation.check_positive_int("steps", steps)
@@ -168,25 +186,25 @@ def train_autoencoder(
     init_key, data_key = jax.random.split(key)
     params = model.init(init_key, x_train[:1])
     tx = optax.adam(learning_rate)
-    params, losses = _train(model, tx, params, jnp.asarray(x_train), data_key, steps,
-                            min(batch_size, x_train.shape[0]))
-    return TrainedAutoencoder(model, params, losses)
 
+    def step_fn(state, batch):
+        p, opt = state
 
-@partial(jax.jit, static_argnums=(0, 1, 5, 6))
-def _train(model, tx, params, x, key, steps, batch_size):
-    def loss_fn(p, xb):
-        return jnp.mean(jnp.square(model.apply(p, xb) - xb))
+        def loss_fn(p):
+            return jnp.mean(jnp.square(model.apply(p, batch) - batch))
 
-    def step(carry, k):
-        p, opt = carry
-        idx = jax.random.randint(k, (batch_size,), 0, x.shape[0])
-        loss, g = jax.value_and_grad(loss_fn)(p, x[idx])
-        updates, opt = tx.update(g, opt, p)
-        return (optax.apply_updates(p, updates), opt), loss
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        updates, new_opt = tx.update(g, opt, p)
+        finite = jnp.isfinite(loss) & engine.all_finite(g)
+        new = engine.skip_nonfinite((optax.apply_updates(p, updates), new_opt), state, finite)
+        return new, {"loss": loss, "finite": finite}
 
-    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(key, steps))
-    return params, losses
+    result = engine.train_loop(step_fn, (params, tx.init(params)), jnp.asarray(x_train), data_key, steps=steps,
+                               batch_size=min(batch_size, x_train.shape[0]), steps_per_call=log_every,
+                               checkpointer=checkpointer, checkpoint_every=checkpoint_every, progress=progress)
+    hist = result.history
+    return TrainedAutoencoder(model, result.state[0], jnp.asarray(hist.get("loss", np.zeros(0))),
+                              np.asarray(hist["step"]))
 
 
 # --------------------------------------------------------------------------- tangent spaces
@@ -257,7 +275,8 @@ def save_autoencoder(path: str, ae: TrainedAutoencoder, *, extra: dict | None = 
     training settings. An existing checkpoint at ``path`` is overwritten.
     """
     record = {"model": _config(ae.model), "final_loss": float(ae.losses[-1]) if len(ae.losses) else None,
-              "steps": int(len(ae.losses)), "extra": extra or {}}
+              "steps": int(ae.steps_logged[-1]) if ae.steps_logged is not None and len(ae.steps_logged) else 0,
+              "extra": extra or {}}
     io_lib.save_checkpoint_dir(path, "params", ae.params, record)
 
 

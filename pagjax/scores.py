@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from pagjax import engine
 from pagjax import io as io_lib
 from pagjax import validation
 
@@ -369,12 +370,16 @@ def train_denoiser(
     depth: int = 3,
     arch: str = "mlp",
     noise_sampling: str = "discrete",
+    checkpointer=None,
+    checkpoint_every: int | None = None,
+    progress: str | None = None,
 ) -> Denoiser:
     """Train a noise-level-conditioned denoiser by denoising score matching.
 
     Minimises E_{x0, s, n} w(s) ||D(x0 + s n, s[, y]) - x0||^2 with EDM's weight
     w(s) = (s^2 + sigma_data^2) / (s sigma_data)^2 (Karras et al. 2022), Adam with a
-    cosine-decayed learning rate, the whole loop in one `lax.scan` (one compilation).
+    cosine-decayed learning rate, trained by the one engine (`pagjax.engine.train_loop`:
+    shuffled epochs, checkpoints and resume, progress).
 
     Args:
       x_train: (N, H, W, C) float images (any range; the per-pixel mean is removed).
@@ -388,6 +393,8 @@ def train_denoiser(
         (``arch`` "mlp" or "conv", see `DenoiserNet`).
       noise_sampling: ``"discrete"`` draws each example's s uniformly from
         `noise_levels`; ``"log_uniform"`` draws log s uniformly in [min, max].
+      checkpointer, checkpoint_every: a `pagjax.io.Checkpointer` to resume from and save to.
+      progress: a progress-bar title, or None for none.
 
     Returns:
       a `Denoiser`; turn it into a score with `learned_score`, save with `save_denoiser`.
@@ -425,14 +432,13 @@ def train_denoiser(
         sigma_data=sigma_data,
     )
     net = den.net()
-    k_init, k_loop = jax.random.split(key)
+    k_init, k_loop, k_data = jax.random.split(key, 3)
     bs = min(batch_size, n)
     params = net.init(
         k_init, x_train[:1], jnp.zeros((1,), jnp.float32), y_arr[:1] if conditional else None
     )["params"]
     sched = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05)
     opt = optax.adam(sched)
-    opt_state = opt.init(params)
     lv = jnp.asarray(levels)
     sd2 = sigma_data**2
 
@@ -442,11 +448,10 @@ def train_denoiser(
         w = (s**2 + sd2) / (s * sigma_data) ** 2
         return jnp.mean(w * jnp.mean(jnp.square(d - xb), axis=(1, 2, 3)))
 
-    def step(carry, k_step):
-        p, o = carry
-        k_idx, k_s, k_n = jax.random.split(k_step, 3)
-        idx = jax.random.randint(k_idx, (bs,), 0, n)
-        xb, yb = x_train[idx], y_arr[idx]
+    def step_fn(state, batch):
+        step, p, o = state
+        xb, yb = batch
+        k_s, k_n = jax.random.split(jax.random.fold_in(k_loop, step))
         if noise_sampling == "discrete":
             s = lv[jax.random.randint(k_s, (bs,), 0, lv.shape[0])]
         else:
@@ -454,13 +459,15 @@ def train_denoiser(
             s = jnp.exp(jax.random.uniform(k_s, (bs,), minval=lo, maxval=hi))
         noise = jax.random.normal(k_n, xb.shape)
         loss, g = jax.value_and_grad(loss_fn)(p, xb, yb, s, noise)
-        upd, o = opt.update(g, o, p)
-        return (optax.apply_updates(p, upd), o), loss
+        upd, o_new = opt.update(g, o, p)
+        finite = jnp.isfinite(loss) & engine.all_finite(g)
+        _, p, o = engine.skip_nonfinite((step, optax.apply_updates(p, upd), o_new), state, finite)
+        return (step + 1, p, o), {"loss": loss, "finite": finite}
 
-    (params, _), _ = jax.jit(lambda c, ks: jax.lax.scan(step, c, ks))(
-        (params, opt_state), jax.random.split(k_loop, steps)
-    )
-    return den.replace(params=params)
+    result = engine.train_loop(step_fn, (jnp.zeros((), jnp.int32), params, opt.init(params)), (x_train, y_arr),
+                               k_data, steps=steps, batch_size=bs, checkpointer=checkpointer,
+                               checkpoint_every=checkpoint_every, progress=progress)
+    return den.replace(params=result.state[1])
 
 
 def denoising_mse(denoiser_or_fn, x0: Array, y: Array | None, noise_level, key: Array) -> Array:

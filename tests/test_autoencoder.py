@@ -18,13 +18,13 @@ def trained():
     z = jax.random.normal(kz, (512, K))
     x = (mean + z @ u.T).reshape(512, 4, 4, 1)
     ae = ae_lib.train_autoencoder(x, latent_dim=K, steps=300, key=kt, batch_size=64,
-                                  learning_rate=1e-2, hidden=(32,))
+                                  learning_rate=1e-2, hidden=(32,), log_every=1)
     return dict(u=u, x=x, ae=ae)
 
 
 def test_autoencoder_on_linear_manifold_recovers_its_subspace(trained):
     ae, x, u = trained["ae"], trained["x"], trained["u"]
-    assert ae.losses.shape == (300,)
+    assert ae.losses.shape == (300,) and ae.steps_logged.tolist() == list(range(1, 301))
     assert float(ae.losses[-20:].mean()) < 0.01 * float(ae.losses[0])
     tb = ae_lib.learned_tangent_basis(ae, x[:16])
     assert tb.basis.shape == (16, D, K)
