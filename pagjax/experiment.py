@@ -31,6 +31,7 @@ with the learned Bayes gradient (the figure's alignment curve and the LPIPS refe
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -311,7 +312,23 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
         ckpt.close()
 
 
-def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Callable[[str], None] = print) -> dict:
+@contextlib.contextmanager
+def _training_checkpointer(root: str, what: str, settings: dict):
+    """Checkpoints of one learned model's training, in a folder named by its settings, so a
+    killed run resumes and a run with other settings starts afresh; removed once done."""
+    from pagjax import scores as scores_lib
+
+    path = os.path.join(root, "training", f"{what}-{scores_lib.fingerprint(json.loads(json.dumps(settings)))}")
+    ckpt = io_lib.Checkpointer(path)
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()
+    shutil.rmtree(path, ignore_errors=True)  # reached only when training finished
+
+
+def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Callable[[str], None] = print,
+                     progress: bool = True) -> dict:
     """Learned tangent bases and score maps of the first ``num_eval`` test images.
 
     Trains (or loads from ``out_dir/learned/``) an autoencoder and a denoiser (see the
@@ -339,9 +356,12 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
             log("autoencoder: loaded from cache")
     if ae is None:
         t = time.perf_counter()
-        ae = ae_lib.train_autoencoder(jnp.asarray(data.x_train), latent_dim=lc.ae_latent, steps=lc.ae_steps,
-                                      key=jax.random.key(lc.seed), learning_rate=lc.ae_lr, arch=lc.ae_arch,
-                                      hidden=lc.ae_hidden, features=lc.ae_features)
+        with _training_checkpointer(root, "autoencoder", ae_settings) as ckpt:
+            ae = ae_lib.train_autoencoder(jnp.asarray(data.x_train), latent_dim=lc.ae_latent, steps=lc.ae_steps,
+                                          key=jax.random.key(lc.seed), learning_rate=lc.ae_lr, arch=lc.ae_arch,
+                                          hidden=lc.ae_hidden, features=lc.ae_features, checkpointer=ckpt,
+                                          checkpoint_every=config.checkpoint_every,
+                                          progress="autoencoder" if progress else None)
         ae_lib.save_autoencoder(ae_dir, ae, extra=ae_settings)
         log(f"autoencoder: trained {lc.ae_steps} steps in {time.perf_counter() - t:.0f} s, final mse {float(ae.losses[-1]):.4f}")
     tb = geometry.cached_tangent_basis(
@@ -362,9 +382,13 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
         k = data.num_classes
         x2 = jnp.concatenate([jnp.asarray(data.x_train)] * 2)
         y2 = jnp.concatenate([jnp.asarray(data.y_train, jnp.int32), jnp.full((data.x_train.shape[0],), k, jnp.int32)])
-        den = scores_lib.train_denoiser(x2, y2, noise_levels=s, steps=lc.den_steps, key=jax.random.key(lc.seed + 1),
-                                        conditional=True, num_classes=k + 1, learning_rate=lc.den_lr,
-                                        width=lc.den_width, depth=lc.den_depth, arch=lc.den_arch)
+        with _training_checkpointer(root, "denoiser", den_settings) as ckpt:
+            den = scores_lib.train_denoiser(x2, y2, noise_levels=s, steps=lc.den_steps,
+                                            key=jax.random.key(lc.seed + 1), conditional=True, num_classes=k + 1,
+                                            learning_rate=lc.den_lr, width=lc.den_width, depth=lc.den_depth,
+                                            arch=lc.den_arch, checkpointer=ckpt,
+                                            checkpoint_every=config.checkpoint_every,
+                                            progress="denoiser" if progress else None)
         scores_lib.save_denoiser(den_dir, den)
         io_lib.write_json(den_meta, den_settings)
         log(f"denoiser: trained {lc.den_steps} steps in {time.perf_counter() - t:.0f} s")
@@ -375,12 +399,13 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
     return {"basis": tb.basis, "score_maps": class_score, "learned_bayes_maps": class_score - uncond}
 
 
-def make_eval_set(config: SweepConfig, data: SweepData, out_dir: str, log: Callable[[str], None] = print):
+def make_eval_set(config: SweepConfig, data: SweepData, out_dir: str, log: Callable[[str], None] = print,
+                  progress: bool = True):
     """The evaluation set: exact maps for a known manifold, learned ones for real images."""
     if data.manifold is not None:
         return measure_lib.prepare_eval_set(data.x_test, data.y_test, data.num_classes, config.measure,
                                             manifold=data.manifold, z_test=data.z_test)
-    geo = learned_geometry(config, data, out_dir, log)
+    geo = learned_geometry(config, data, out_dir, log, progress)
     return measure_lib.prepare_eval_set(data.x_test, data.y_test, data.num_classes, config.measure, **geo)
 
 
@@ -522,7 +547,7 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     prepare_output(out_dir, config, overwrite)
     t0 = time.perf_counter()
     data = load_data(config)
-    evalset = make_eval_set(config, data, out_dir, log)
+    evalset = make_eval_set(config, data, out_dir, log, progress)
     rows_by_method, grids_by_method = {}, {}
     total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
     bar = tqdm(total=total, disable=not progress, unit="model-step", smoothing=0.1)
