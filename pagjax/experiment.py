@@ -79,6 +79,29 @@ RESULT_COLUMNS = (
 )
 
 
+MAX_STEPS = 10_000_000
+MAX_SEED = 1_000_000_000
+
+
+def check_model_options(name: str) -> None:
+    """Integer options of a model name (``mlp:width=256``) must be positive integers.
+
+    `models.build_model` accepts any value and the network fails only when first traced,
+    seconds later and deep in flax; this check says which option is wrong, at once.
+    """
+    base, _, opts = name.partition(":")
+    validation.check_choice("model name", base, models_lib.MODEL_NAMES)
+    fields = {f.name: f.default for f in dataclasses.fields(models_lib._MODULES[base])}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        default = fields.get(key.strip())
+        if isinstance(default, int) and not isinstance(default, bool):
+            v, least = value.strip(), 0 if key.strip() == "depth" else 1  # depth 0: a linear model
+            if not v.isdigit() or int(v) < least:
+                raise ValueError(f"model option {key.strip()} of {name!r} must be an integer >= {least}, got {v!r}")
+    models_lib.build_model(name, 2)  # raises on an unknown option or activation
+
+
 class SettingsMismatchError(ValueError):
     """The output folder holds a run with different settings."""
 
@@ -172,6 +195,8 @@ class SweepConfig:
         """Check every setting before any data is built or anything compiled."""
         if not self.methods:
             raise ValueError("methods must name at least one method")
+        if len(set(self.methods)) != len(self.methods):  # would train and write the same rows twice
+            raise ValueError(f"methods must be distinct, got {list(self.methods)}")
         for m in self.methods:
             validation.check_choice("method", m, objectives_lib.METHODS)
             if m not in self.strengths or not len(self.strengths[m]):
@@ -182,6 +207,17 @@ class SweepConfig:
                 raise ValueError(f"strengths[{m!r}] must be strictly increasing, got {s.tolist()}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct integers, got {self.seeds}")
+        for seed in self.seeds:
+            # JAX keys take 32-bit seeds, and the measurement adds 10_000 to a seed
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < MAX_SEED:
+                raise ValueError(f"seeds must be integers in [0, {MAX_SEED}), got {seed!r}")
+        validation.check_positive_int("steps", self.steps)
+        if self.steps > MAX_STEPS:  # the step counter is int32; no sweep needs this many steps
+            raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        for k, v in self.dataset_kwargs.items():
+            if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+                raise ValueError(f"dataset option {k} must be finite, got {v!r}")
+        check_model_options(self.model)
         from pagjax import data as data_lib
         from pagjax.manifolds import manifold_names
 
@@ -197,7 +233,6 @@ class SweepConfig:
             data_lib.check_available(self.dataset, data_dir=self.data_dir, download=self.download)  # fast; offline unless download
         validation.check_positive_int("n_train", self.n_train)
         validation.check_positive_int("n_test", self.n_test)
-        models_lib.build_model(self.model, 2)  # raises on a bad name or option
         training.TrainConfig(model=self.model, steps=self.steps, batch_size=self.batch_size,
                              optimizer=self.optimizer, pgd_steps=self.pgd_steps,
                              smoothness_noise_std=self.smoothness_noise_std).validate()
