@@ -182,7 +182,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:
-    """Run a sweep for a command line: exit status 2 with the message on a settings mismatch."""
+    """Run a sweep for a command line: exit status 2 with a one-line message on a settings
+    mismatch or damaged settings record, 1 on an output folder or file that cannot be
+    written (unwritable, full), instead of a traceback."""
+    from pagjax import io as io_lib
     from pagjax.experiment import SettingsMismatchError, run_sweep
 
     try:
@@ -190,15 +193,26 @@ def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:
     except SettingsMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (io_lib.OutputNotWritableError, io_lib.CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a full disk mid-run: the path and the reason, not a traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else f" in {out}"
+        print(f"error: cannot write{where}: {e.strerror or e}. Free space or fix permissions, then rerun "
+              "the same command to resume.", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from pagjax import io as io_lib
+
     try:
         config = config_from_args(args)
         config.validate()
-    except ValueError as e:
+        io_lib.check_writable_dir(args.out, "--out")  # before any data is built or model trained
+    except (ValueError, io_lib.OutputNotWritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run_and_report(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)

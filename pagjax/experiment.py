@@ -13,8 +13,13 @@ It writes into `out_dir`:
 Fault tolerance: training checkpoints every ``checkpoint_every`` steps; a rerun into the
 same folder resumes from the last checkpoint and skips finished methods. A rerun with
 different settings stops with `SettingsMismatchError` unless ``overwrite=True``.
-Execution details (``strategy``, ``steps_per_call``, ``checkpoint_every``, ``data_dir``,
-``download``) may differ between runs: they do not change what is computed.
+Execution details (``steps_per_call``, ``checkpoint_every``, ``data_dir``, ``download``)
+may differ between runs: they do not change what is computed. The strategy does (vmap,
+loop and sharded round differently, and the differences grow through training), so the
+resolved strategy is a setting: a resume with another one stops like any other change.
+Damaged state is handled, never trusted: a checkpoint failing its digest is moved aside
+(`pagjax.io.Checkpointer`); a bad ``points/`` file is named and re-measured; results
+without a readable ``config.json`` stop the run with a message saying how to proceed.
 
 Real images (``dataset`` one of `pagjax.data.dataset_names()`: ``digits`` always,
 ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet64`` when prepared) have no known
@@ -50,7 +55,10 @@ from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import plots, regimes, sweep, training, validation
 
-EXECUTION_FIELDS = ("strategy", "steps_per_call", "checkpoint_every", "data_dir", "download")
+# Fields that do not change what is computed. ``strategy`` is not one: vmap, loop and
+# sharded round differently and the differences grow through training (a regime label
+# can flip), so the resolved strategy is part of the settings a resume must match.
+EXECUTION_FIELDS = ("steps_per_call", "checkpoint_every", "data_dir", "download")
 
 # Default grids for the built-in data (linear_default with normal_offset 0.2, MLP width
 # 256): each spans weak -> Bayes-aligned -> excessive (found by probe runs, README).
@@ -254,7 +262,16 @@ class SweepConfig:
         for f in EXECUTION_FIELDS:
             d.pop(f)
         d["strengths"] = {m: [float(v) for v in d["strengths"][m]] for m in self.methods}
+        d["strategy"] = self.resolved_strategies()
         return d
+
+    def resolved_strategies(self) -> dict:
+        """Per method, the strategy its models train with on this machine (``auto``
+        resolved: it depends on the backend, the device count and the number of models)."""
+        if self.strategy != "auto":
+            return {m: self.strategy for m in self.methods}
+        model = models_lib.build_model(self.model, 2)
+        return {m: sweep.choose_strategy(model, len(self.strengths[m]) * len(self.seeds)) for m in self.methods}
 
 
 def library_versions() -> dict:
@@ -268,25 +285,64 @@ def library_versions() -> dict:
             "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
+RESULT_FILES = ("results.csv", "regimes.json", "summary.json", "figure3.png")
+
+
+def _results_present(out_dir: str) -> list[str]:
+    """The results and state in `out_dir` that a settings record must vouch for."""
+    found = [f for f in RESULT_FILES if os.path.exists(os.path.join(out_dir, f))]
+    found += sorted(f for f in os.listdir(out_dir) if f.startswith("gradients_") and f.endswith(".png"))
+    for sub in ("points", "checkpoints"):
+        folder = os.path.join(out_dir, sub)
+        if os.path.isdir(folder) and os.listdir(folder):
+            found.append(sub + "/")
+    return found
+
+
+def _delete_results(out_dir: str) -> None:
+    for sub in ("points", "checkpoints"):
+        shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    for f in _results_present(out_dir):  # old figures too: they must not sit beside new results
+        if not f.endswith("/"):
+            os.remove(os.path.join(out_dir, f))
+
+
 def prepare_output(out_dir: str, config: SweepConfig, overwrite: bool) -> None:
-    """Create `out_dir`, or check that an existing run there has the same settings."""
+    """Create `out_dir`, or check that an existing run there has the same settings.
+
+    Raises `pagjax.io.OutputNotWritableError` when `out_dir` cannot be written, and
+    `SettingsMismatchError` when it holds results made with other settings or results
+    whose settings record (``config.json``) is missing or damaged; ``overwrite`` deletes
+    those results instead. Leftover ``.tmp-*`` files of killed writes are removed.
+    """
+    io_lib.check_writable_dir(out_dir, "output folder")
+    io_lib.remove_temp_files(out_dir)
     path = os.path.join(out_dir, "config.json")
     settings = config.settings()
+    problem = None
     if os.path.exists(path):
-        old = io_lib.read_json(path).get("settings", {})
-        if old != settings:
-            if not overwrite:
+        try:
+            record = io_lib.read_json(path)
+            if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+                raise io_lib.DamagedFileError(f"{os.path.abspath(path)} is damaged (no settings record)")
+            old = record["settings"]
+            if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                raise SettingsMismatchError(
-                    f"{out_dir} holds a sweep with different settings (differing: {', '.join(diff)}). "
-                    "Use another output folder, or pass overwrite (--overwrite) to delete the old results."
-                )
-            for sub in ("points", "checkpoints"):
-                shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
-            for f in ("results.csv", "regimes.json", "summary.json"):
-                if os.path.exists(os.path.join(out_dir, f)):
-                    os.remove(os.path.join(out_dir, f))
-    os.makedirs(out_dir, exist_ok=True)
+                problem = f"{out_dir} holds a sweep with different settings (differing: {', '.join(diff)})"
+        except (io_lib.DamagedFileError, OSError) as e:
+            problem = f"{out_dir} holds results but its settings record is unreadable: {e}"
+    else:
+        # The settings check must not hinge on one file that can vanish: results without a
+        # record could have been made with any settings.
+        found = _results_present(out_dir)
+        if found:
+            problem = (f"{out_dir} holds results ({', '.join(found)}) but no settings record "
+                       f"({os.path.abspath(path)} is missing), so they cannot be checked against these settings")
+    if problem is not None:
+        if not overwrite:
+            raise SettingsMismatchError(
+                f"{problem}. Use another output folder, or pass overwrite (--overwrite) to delete the old results.")
+        _delete_results(out_dir)
     io_lib.write_json(path, {"settings": settings, "versions": library_versions()})
 
 
@@ -548,6 +604,43 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
     return summaries
 
 
+def load_points(config: SweepConfig, method: str, point_file: str, grid_file: str, data: SweepData):
+    """A finished method's rows and gradient grids, checked against the settings.
+
+    Raises `pagjax.io.DamagedFileError` naming the file when it is unreadable or does not
+    hold exactly one row per (strength, seed) of `method` (e.g. ``[]``) or grids of the
+    expected shape; `FileNotFoundError` when one of the pair is missing.
+    """
+    for f in (point_file, grid_file):
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f} is missing")
+    rows = io_lib.read_json(point_file)
+    strengths, seeds = _method_points(config, method)
+    want = list(zip(strengths, seeds))
+
+    def bad(why):
+        return io_lib.DamagedFileError(f"{os.path.abspath(point_file)} is damaged ({why})")
+
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise bad("not a list of rows")
+    try:
+        got = [(float(r["strength"]), int(r["seed"])) for r in rows]
+    except (KeyError, TypeError, ValueError):
+        raise bad("a row lacks a numeric strength or seed") from None
+    if got != want or any(r.get("method") != method or not isinstance(r.get("diverged"), bool) for r in rows):
+        raise bad(f"holds {len(rows)} rows, expected one per (strength, seed) of {method}: {len(want)}")
+    for r in rows:
+        for key in ("accuracy", "on_change", "off_change"):
+            v = r.get(key)
+            if not r["diverged"] and not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)):
+                raise bad(f"row {method} strength {r['strength']:g} seed {r['seed']} has no finite {key}")
+    grids = io_lib.load_npz(grid_file, "grads")
+    shape = (len(want), "grid", *data.x_test.shape[1:])
+    if grids.ndim != len(shape) or grids.shape[0] != len(want) or grids.shape[2:] != data.x_test.shape[1:]:
+        raise io_lib.DamagedFileError(f"{os.path.abspath(grid_file)} is damaged (shape {grids.shape}, expected {shape})")
+    return rows, grids
+
+
 def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, progress: bool = True,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run (or resume) a sweep into `out_dir`; returns the per-method summaries."""
@@ -565,12 +658,18 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
         k = len(config.strengths[method]) * len(config.seeds)
         point_file = os.path.join(out_dir, "points", f"{method}.json")
         grid_file = os.path.join(out_dir, "points", f"{method}_gradients.npz")
-        if os.path.exists(point_file) and os.path.exists(grid_file):
-            rows_by_method[method] = io_lib.read_json(point_file)
-            grids_by_method[method] = np.load(grid_file)["grads"]
-            bar.update(k * config.steps)
-            log(f"{method}: already finished, skipped")
-            continue
+        if os.path.exists(point_file) or os.path.exists(grid_file):
+            try:
+                rows, grids = load_points(config, method, point_file, grid_file, data)
+                rows_by_method[method], grids_by_method[method] = rows, grids
+                bar.update(k * config.steps)
+                log(f"{method}: already finished, skipped")
+                continue
+            except (io_lib.DamagedFileError, FileNotFoundError) as e:
+                log(f"{method}: {e}; measuring it again")
+                for f in (point_file, grid_file):
+                    if os.path.exists(f):
+                        os.remove(f)
         seen = [0]
 
         def on_progress(p, method=method, k=k, seen=seen):

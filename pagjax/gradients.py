@@ -71,7 +71,10 @@ def value_and_input_gradients(
     _check(x, labels, target)
 
     def total(inputs):
-        values = per_example_scalar(apply_fn(params, inputs), labels, target)
+        logits = apply_fn(params, inputs)
+        if target in _NEEDS_LABELS:  # the class count is known only now; out of range gathers give 0 gradients
+            validation.check_labels("labels", labels, num_classes=logits.shape[-1])
+        values = per_example_scalar(logits, labels, target)
         return jnp.sum(values), values
 
     (_, values), grads = jax.value_and_grad(total, has_aux=True)(x)

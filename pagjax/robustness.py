@@ -77,6 +77,29 @@ def _check_x_basis(x, basis) -> Array:
     return basis
 
 
+def _check_orthonormal(name: str, basis, atol: float = 1e-3) -> None:
+    """A tangent basis for on/off-manifold changes must be finite with orthonormal
+    columns and leave a normal space: the projections assume P = U U^T, and a skewed
+    basis moves the off/on ratio (0.60 -> 0.85 in one probe) without any error."""
+    if not validation._is_concrete(basis):
+        return
+    b = jnp.asarray(basis, jnp.float32)
+    if not bool(jnp.isfinite(b).all()):
+        raise ValueError(f"{name} must be finite, but it holds NaN or inf values")
+    d, k = b.shape[-2], b.shape[-1]
+    if k >= d:
+        raise ValueError(f"{name} spans all {d} input dimensions (shape {tuple(b.shape)}): "
+                         "there is no off-manifold direction; the tangent dimension k must be < d")
+    gram = jnp.einsum("...dk,...dl->...kl", b, b)
+    # zero columns are allowed: `geometry.orthonormalize` pads a rank-deficient basis with them
+    unit = jnp.diagonal(gram, axis1=-2, axis2=-1) > 0.5
+    ideal = jnp.eye(k, dtype=b.dtype) * unit[..., None, :]
+    err = float(jnp.max(jnp.abs(gram - ideal))) if k else 0.0
+    if err > atol:
+        raise ValueError(f"{name} must have orthonormal columns (U^T U = I, zero columns allowed); it is off by up to {err:.3g}. "
+                         "Orthonormalise it first, e.g. pagjax.geometry.orthonormalize")
+
+
 def _check_directions(name: str, v, x, min_directions: int = 0) -> None:
     """Raise ValueError unless `v` has shape (n, R, d) for the batch `x`, R >= min_directions."""
     n, d = x.shape[0], geometry.num_features(x)
@@ -273,6 +296,7 @@ def on_off_manifold_change(
       off/on ratio.
     """
     basis = _check_x_basis(x, basis)
+    _check_orthonormal("basis", basis)
     eps_arr = jnp.asarray(_check_eps(eps))
     validation.check_positive_int("num_directions", num_directions)
     if batch_size is not None:
