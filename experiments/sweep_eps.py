@@ -84,11 +84,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line naming the flag, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from pagjax.experiment import DEFAULT_STRENGTHS
     from pagjax.training import PAPER_SGD
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    p = _Parser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/sweep_eps", help="output folder (results.csv, figures, checkpoints)")
     p.add_argument("--methods", default=",".join(DEFAULT_STRENGTHS), help="comma-separated methods: gradnorm, smoothness, noise, pgd, ce")
     p.add_argument("--strengths", default=None, help="comma-separated strengths for every chosen method (default: per-method grids)")

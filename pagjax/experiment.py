@@ -101,9 +101,9 @@ def check_model_options(name: str) -> None:
     validation.check_choice("model name", base, models_lib.MODEL_NAMES)
     fields = {f.name: f.default for f in dataclasses.fields(models_lib._MODULES[base])}
     for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
         default = fields.get(key.strip())
-        if isinstance(default, int) and not isinstance(default, bool):
+        if eq and isinstance(default, int) and not isinstance(default, bool):
             v, least = value.strip(), 0 if key.strip() == "depth" else 1  # depth 0: a linear model
             if not v.isdigit() or int(v) < least:
                 raise ValueError(f"model option {key.strip()} of {name!r} must be an integer >= {least}, got {v!r}")
