@@ -561,6 +561,61 @@ def format_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CHANCE_MARGIN = 0.1  # "at chance": accuracy within 10% of the chance-to-perfect range above chance
+
+
+def at_chance(accuracy: float, num_classes: int) -> bool:
+    """Whether a model's accuracy is at chance: trained to nothing (e.g. by a huge learning
+    rate or strength) without ever producing a NaN, so it is not marked diverged."""
+    chance = 1.0 / num_classes
+    return bool(np.isfinite(accuracy) and accuracy <= chance + CHANCE_MARGIN * (1.0 - chance))
+
+
+def seed_evidence(curves: dict, num_classes: int) -> list[dict]:
+    """Per strength: the label, each seed's off/on ratio and accuracy, whether the seeds
+    agree on the weak / Bayes-aligned side (off/on above or below 1) and which seeds are
+    at chance. A label its seeds do not agree on hinges on rounding and seeds: it needs
+    more seeds, not more trust."""
+    out = []
+    for i, s in enumerate(curves["strengths"]):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = curves["off_change"][i] / curves["on_change"][i]
+        acc = curves["accuracy"][i]
+        ok = np.isfinite(ratio)
+        sides = {bool(r > 1) for r in ratio[ok]}
+        chance_seeds = [j for j, a in enumerate(acc) if at_chance(a, num_classes)]
+        out.append({
+            "strength": float(s), "label": curves["labels"][i],
+            "off_on_per_seed": [None if not np.isfinite(r) else float(r) for r in ratio],
+            "off_on_spread": [float(ratio[ok].min()), float(ratio[ok].max())] if ok.any() else None,
+            "accuracy_per_seed": [None if not np.isfinite(a) else float(a) for a in acc],
+            "seeds_agree": len(sides) <= 1 and int(ok.sum()) >= 2,
+            "measured_seeds": int(ok.sum()),
+            "at_chance_seeds": chance_seeds,
+        })
+    return out
+
+
+def model_health(rows_by_method: dict, num_classes: int) -> list[str]:
+    """Console lines naming the diverged and collapsed (at-chance) models, and why a
+    method has no labels at all; empty when every model trained."""
+    lines = []
+    for method, rows in rows_by_method.items():
+        diverged = [r for r in rows if r.get("diverged")]
+        collapsed = [r for r in rows if not r.get("diverged") and at_chance(float(r.get("accuracy", np.nan)), num_classes)]
+        name = lambda r: f"{r['strength']:g}/seed {r['seed']}"  # noqa: E731
+        if diverged and len(diverged) == len(rows):
+            lines.append(f"{method}: every model diverged (a NaN/inf loss or gradient): no regime labels; "
+                         "lower the learning rate (--lr) or the strengths")
+        elif diverged:
+            lines.append(f"{method}: {len(diverged)} of {len(rows)} models diverged (NaN/inf), left out of the "
+                         f"curves: {', '.join(map(name, diverged))}")
+        if collapsed:
+            lines.append(f"{method}: {len(collapsed)} of {len(rows)} models are at chance accuracy (collapsed "
+                         f"without a NaN; their labels are not evidence): {', '.join(map(name, collapsed))}")
+    return lines
+
+
 def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids_by_method: dict,
                   data: SweepData, evalset) -> list[dict]:
     """results.csv, regimes.json, summary.json and the figures, from finished methods."""
@@ -575,6 +630,8 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
             all_rows.append({**r, "regime": label_of[r["strength"]]})
         summaries.append(summarize(curves, result, method))
         regime_info[method] = result.as_dict() if result is not None else None
+        if regime_info[method] is not None:
+            regime_info[method]["per_seed"] = seed_evidence(curves, data.num_classes)
         fig_curves[method] = {"strengths": curves["strengths"], "labels": curves["labels"],
                               "on_change": curves["on_change"], "off_change": curves["off_change"],
                               "accuracy": curves["accuracy"], "alignment": curves[curves["alignment_column"]],
@@ -689,5 +746,14 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     bar.close()
     summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data, evalset)
     log(format_table(summaries))
+    for line in model_health(rows_by_method, data.num_classes):
+        log(line)
+    for method in config.methods:  # labels whose seeds disagree hinge on rounding
+        info = io_lib.read_json(os.path.join(out_dir, "regimes.json")).get(method) or {}
+        shaky = [e for e in info.get("per_seed", []) if e["measured_seeds"] >= 2 and not e["seeds_agree"]]
+        if shaky:
+            where = ", ".join(f"{e['strength']:g}" for e in shaky)
+            log(f"{method}: seeds disagree on the weak / Bayes-aligned side at strength {where} "
+                "(per-seed off/on in regimes.json): run more seeds")
     log(f"wrote {out_dir}/results.csv, figure3.png, gradients_*.png in {time.perf_counter() - t0:.0f} s")
     return summaries
