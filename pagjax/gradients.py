@@ -45,7 +45,7 @@ def per_example_scalar(logits: Array, labels: Array | None, target: str) -> Arra
 
 def _check(x, labels, target):
     validation.check_choice("target", target, TARGETS)
-    validation.check_images("x", x, ranks=(2, 3, 4))
+    validation.check_images("x", x, ranks=(2, 3, 4), finite=True)
     if target in _NEEDS_LABELS:
         if labels is None:
             raise ValueError(f"labels are required for target {target!r}")

@@ -41,8 +41,10 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_images(name: str, x, *, ranks: Sequence[int] = (4,)) -> None:
-    """Images must be a floating array of one of the given ranks (NHWC is rank 4)."""
+def check_images(name: str, x, *, ranks: Sequence[int] = (4,), finite: bool = False) -> None:
+    """Images must be a floating array of one of the given ranks (NHWC is rank 4) and,
+    with ``finite=True``, hold no NaN/inf (for inputs; off by default because computed
+    maps, such as a saturated model's gradients, may be non-finite and are handled later)."""
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
     if shape is None or dtype is None:
@@ -54,7 +56,8 @@ def check_images(name: str, x, *, ranks: Sequence[int] = (4,)) -> None:
         )
     if not np.issubdtype(np.dtype(dtype), np.floating):
         raise ValueError(f"{name} must have a floating dtype (e.g. float32), got {dtype}")
-    check_finite(name, x)
+    if finite:
+        check_finite(name, x)
 
 
 def check_finite(name: str, x) -> None:
@@ -64,8 +67,9 @@ def check_finite(name: str, x) -> None:
         return
     if isinstance(x, np.ndarray):
         finite = bool(np.isfinite(x).all())
-    else:  # reduce on the device: no copy of a large array to the host
-        finite = bool(jax.numpy.isfinite(x).all())
+    else:  # reduce on the device (no copy of a large array to the host), eagerly even under a trace
+        with jax.ensure_compile_time_eval():
+            finite = bool(jax.numpy.isfinite(x).all())
     if not finite:
         raise ValueError(f"{name} must be finite, but it holds NaN or inf values")
 

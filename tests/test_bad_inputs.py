@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import sweep_eps
-from pagjax import experiment, gradients, io, models, robustness, training
+from pagjax import experiment, gradients, io, models, robustness, training, validation
 from pagjax.experiment import SweepConfig
 from pagjax.measure import MeasureConfig
 
@@ -181,6 +181,7 @@ def _onoff(basis=None, **kw):
     model, variables, x = _mlp()
     args = dict(eps=1.0, key=jax.random.key(0))
     args.update(kw)
+    x = args.pop("x", x)
     return robustness.on_off_manifold_change(model.apply, variables, x,
                                              _basis(basis) if basis else jnp.eye(4, 2, dtype=jnp.float32), **args)
 
@@ -215,8 +216,10 @@ API_CASES = [
     ("grads-x-nan", lambda: _grads(x=jnp.full((4, 2, 2, 1), jnp.nan)), "x must be finite"),
     ("grads-x-int", lambda: _grads(x=jnp.ones((4, 2, 2, 1), jnp.int32)), "floating dtype"),
     ("grads-target-unknown", lambda: _grads(target="prob"), "unknown target 'prob'"),
-    ("train-x-nan", lambda: _train(x=jnp.ones((8, 2, 2, 1)).at[0, 0, 0, 0].set(jnp.nan)), "x must be finite"),
-    ("train-x-inf", lambda: _train(x=jnp.ones((8, 2, 2, 1)).at[0, 0, 0, 0].set(jnp.inf)), "x must be finite"),
+    ("check-images-nan", lambda: validation.check_images("x", np.full((2, 2, 2, 1), np.nan, np.float32), finite=True),
+     "x must be finite"),
+    ("check-images-inf", lambda: validation.check_images("x", jnp.ones((2, 2, 2, 1)).at[0, 0, 0, 0].set(jnp.inf),
+                                                         finite=True), "x must be finite"),
     ("train-one-class", lambda: _train(y=jnp.zeros(8, jnp.int32), num_classes=1), "num_classes must be >= 2"),
     ("train-labels-out-of-range", lambda: _train(y=jnp.array([0, 1, 2, 3] * 2), num_classes=2), "y must lie in [0, 2)"),
     ("train-batch-over-data", lambda: _train(x=jnp.ones((2, 2, 2, 1)), y=jnp.array([0, 1])), "exceeds the 2 training"),
@@ -228,6 +231,7 @@ API_CASES = [
     ("onoff-basis-full-rank", lambda: _onoff("full-rank"), "there is no off-manifold direction"),
     ("onoff-basis-nan", lambda: _onoff("nan"), "basis must be finite"),
     ("onoff-basis-wrong-rows", lambda: _onoff("wrong-rows"), "basis has 5 rows"),
+    ("onoff-x-nan", lambda: _onoff(x=jnp.full((4, 2, 2, 1), jnp.nan)), "x must be finite"),
     ("onoff-eps-negative", lambda: _onoff(eps=-1.0), "eps"),
     ("onoff-directions-zero", lambda: _onoff(num_directions=0), "num_directions must be a positive integer"),
     ("sweep-methods-duplicate", lambda: _sweep(methods=("noise", "noise")), "methods must be distinct"),
