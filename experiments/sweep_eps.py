@@ -134,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--align-noise", type=float, default=0.3, help="noise level of the score / Bayes gradient used for alignment")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS alignment (faster)")
     p.add_argument("--robust-eps", type=float, default=None, help="also measure PGD robust accuracy at this L2 radius")
-    p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded")
+    p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded. They round differently, so "
+                        "the resolved strategy is recorded and a resume must use the same")
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)

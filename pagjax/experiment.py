@@ -183,7 +183,7 @@ class SweepConfig:
     official_grad_accumulation: bool = False
     official_bn_updates: bool = False
     measure: measure_lib.MeasureConfig = measure_lib.MeasureConfig()
-    strategy: str = "auto"
+    strategy: str = "auto"  # a setting, resolved per machine: strategies round differently
     steps_per_call: int = 100
     checkpoint_every: int = 200
     image_size: int | None = None  # real data: resize to image_size x image_size
