@@ -329,6 +329,11 @@ def prepare_output(out_dir: str, config: SweepConfig, overwrite: bool) -> None:
             if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 problem = f"{out_dir} holds a sweep with different settings (differing: {', '.join(diff)})"
+                if "strategy" in diff and isinstance(old.get("strategy"), dict):
+                    # vmap, loop and sharded round differently, so a resume must keep the strategy
+                    made = sorted(set(old["strategy"].values()))
+                    problem += (f"; it was trained with --strategy {' / '.join(made)}, which rounds differently "
+                                "from the one asked for: resume with that strategy")
         except (io_lib.DamagedFileError, OSError) as e:
             problem = f"{out_dir} holds results but its settings record is unreadable: {e}"
     else:

@@ -317,7 +317,35 @@ def test_a_damaged_sweep_folder_is_repaired_with_the_same_numbers(tmp_path):
     assert open(os.path.join(out, "results.csv")).read() == original  # resumed from step 2: bit-identical
 
 
-DAMAGED_CASES = len(CHECKPOINT_CASES) + len(SETTINGS_CASES) + len(POINTS_CASES) + 3 + 2  # + umask, + unwritable
+# (id, error raised mid-run, exit status, text of the one-line message)
+MIDRUN_CASES = [
+    ("disk-full", OSError(28, "No space left on device", "/runs/x/results.csv"), 1,
+     "cannot write /runs/x/results.csv: No space left on device"),
+    ("checkpoint-folder-unwritable", io.OutputNotWritableError("checkpoint folder /runs/x/checkpoints/noise is not "
+                                                               "writable: Operation not permitted"), 1,
+     "checkpoint folder /runs/x/checkpoints/noise is not writable"),
+    ("checkpoint-write-failed", io.CheckpointWriteError("cannot write a checkpoint to /runs/x/checkpoints/noise"), 1,
+     "cannot write a checkpoint to /runs/x/checkpoints/noise"),
+]
+
+
+@pytest.mark.parametrize("case", MIDRUN_CASES, ids=[c[0] for c in MIDRUN_CASES])
+def test_write_failures_mid_run_end_with_one_line_naming_the_path(case, monkeypatch, capsys):
+    from experiments import sweep_eps
+
+    name, error, status, message = case
+
+    def failing_run(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(experiment, "run_sweep", failing_run)
+    assert sweep_eps.run_and_report(TINY, "/runs/x", overwrite=False, progress=False) == status
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+DAMAGED_CASES = (len(CHECKPOINT_CASES) + len(SETTINGS_CASES) + len(POINTS_CASES) + len(MIDRUN_CASES)
+                 + 3 + 2 + 1)  # + umask, + unwritable output folders, + the end-to-end repair
 
 
 def test_the_table_counts_its_cases():
