@@ -342,7 +342,11 @@ class Checkpointer:
                 try:
                     return step, self.manager.restore(step, args=self._ocp.args.StandardRestore(like))
                 except Exception as e:  # orbax raises many kinds for truncated or garbage files
-                    why = f"orbax cannot read it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    # The digest matched, so either the files were bad before it was written or
+                    # they hold another structure; moved aside (not deleted), both are kept.
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    why = (f"orbax cannot read it: {type(e).__name__}: {first[:200]}; damaged before its digest "
+                           "was written, or saved from another model")
             self._set_aside(step, why)
 
     def close(self):
