@@ -92,7 +92,7 @@ MAX_SEED = 1_000_000_000
 
 
 def check_model_options(name: str) -> None:
-    """Integer options of a model name (``mlp:width=256``) must be positive integers.
+    """Integer options of a model name (``mlp:width=256``) must be integers >= 1 (depth >= 0).
 
     `models.build_model` accepts any value and the network fails only when first traced,
     seconds later and deep in flax; this check says which option is wrong, at once.
