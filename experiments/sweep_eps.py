@@ -21,8 +21,58 @@ import numpy as np
 ADAM_LR = 2e-3  # the default runs' Adam learning rate
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers; an empty list or a bad item is an error naming `flag`."""
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        raise ValueError(f"{flag} is empty; give comma-separated numbers, e.g. {flag} 0.1,1")
+    out = []
+    for v in items:
+        if not v:
+            raise ValueError(f"{flag} has an empty item in {text!r}")
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise ValueError(f"{flag} must be comma-separated numbers, got {v!r} in {text!r}") from None
+        if not np.isfinite(out[-1]):
+            raise ValueError(f"{flag} must be finite numbers, got {v!r}")
+    return tuple(out)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise ValueError(f"{flag} must be comma-separated integers with no empty item, got {text!r}")
+    try:
+        return tuple(int(v) for v in items)
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str, flag: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in text.split(","))
+    if not all(items):
+        raise ValueError(f"{flag} must be comma-separated names with no empty item, got {text!r}")
+    dup = sorted({v for v in items if items.count(v) > 1})
+    if dup:  # each name would train and write the same models twice
+        raise ValueError(f"{flag} names {', '.join(dup)} more than once")
+    return items
+
+
+def _log_range(text: str) -> tuple[float, ...]:
+    """--log-range LOW,HIGH,N: N log-spaced strengths from LOW to HIGH (both > 0)."""
+    parts = [v.strip() for v in text.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"--log-range must be LOW,HIGH,N (three items), got {text!r}")
+    try:
+        lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise ValueError(f"--log-range must be LOW,HIGH,N with numbers LOW, HIGH and an integer N, got {text!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"--log-range needs finite 0 < LOW < HIGH (log-spaced), got LOW={parts[0]} HIGH={parts[1]}")
+    if not 2 <= n <= 1000:
+        raise ValueError(f"--log-range N must be an integer in [2, 1000], got {parts[2]}")
+    return tuple(float(v) for v in np.logspace(np.log10(lo), np.log10(hi), n))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -34,11 +84,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line naming the flag, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from pagjax.experiment import DEFAULT_STRENGTHS
     from pagjax.training import PAPER_SGD
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    p = _Parser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/sweep_eps", help="output folder (results.csv, figures, checkpoints)")
     p.add_argument("--methods", default=",".join(DEFAULT_STRENGTHS), help="comma-separated methods: gradnorm, smoothness, noise, pgd, ce")
     p.add_argument("--strengths", default=None, help="comma-separated strengths for every chosen method (default: per-method grids)")
@@ -77,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--align-noise", type=float, default=0.3, help="noise level of the score / Bayes gradient used for alignment")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS alignment (faster)")
     p.add_argument("--robust-eps", type=float, default=None, help="also measure PGD robust accuracy at this L2 radius")
-    p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded")
+    p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded. They round differently, so "
+                        "the resolved strategy is recorded and a resume must use the same")
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -91,15 +149,14 @@ def config_from_args(args: argparse.Namespace):
 
     real = data_lib.is_real_dataset(args.dataset)
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if args.strengths and args.log_range:
-        raise SystemExit("error: give --strengths or --log-range, not both")
-    if args.log_range:
-        lo, hi, n = args.log_range.split(",")
-        grid = tuple(float(v) for v in np.logspace(np.log10(float(lo)), np.log10(float(hi)), int(n)))
+    methods = _names(args.methods, "--methods")
+    if args.strengths is not None and args.log_range is not None:
+        raise ValueError("give --strengths or --log-range, not both")
+    if args.log_range is not None:
+        grid = _log_range(args.log_range)
         strengths = {m: grid for m in methods}
-    elif args.strengths:
-        strengths = {m: _floats(args.strengths) for m in methods}
+    elif args.strengths is not None:  # an empty --strengths is an error, not the default grid
+        strengths = {m: _floats(args.strengths, "--strengths") for m in methods}
     else:
         defaults = REAL_DEFAULT_STRENGTHS if real else DEFAULT_STRENGTHS
         strengths = {m: defaults.get(m, (0.0,)) for m in methods}
@@ -108,7 +165,7 @@ def config_from_args(args: argparse.Namespace):
     else:  # the paper's SGD recipe, its learning rate included unless --lr is given
         optimizer = dataclasses.replace(PAPER_SGD, name=args.optimizer,
                                         learning_rate=PAPER_SGD.learning_rate if args.lr is None else args.lr)
-    measure = MeasureConfig(eps=_floats(args.eps), regime_eps=args.regime_eps, align_noise=args.align_noise,
+    measure = MeasureConfig(eps=_floats(args.eps, "--eps"), regime_eps=args.regime_eps, align_noise=args.align_noise,
                             lpips=not args.no_lpips, pgd_eps=args.robust_eps)
     steps = args.steps if args.steps is not None else (600 if args.dataset == "digits" else 1000)
     extra = {}
@@ -124,7 +181,7 @@ def config_from_args(args: argparse.Namespace):
         extra["n_train"] = args.n_train
     if args.n_test is not None:
         extra["n_test"] = args.n_test
-    return SweepConfig(methods=methods, strengths=strengths, seeds=tuple(int(s) for s in args.seeds.split(",")),
+    return SweepConfig(methods=methods, strengths=strengths, seeds=_ints(args.seeds, "--seeds"),
                        dataset=args.dataset, model=args.model, steps=steps, batch_size=args.batch_size,
                        optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps,
                        official_grad_accumulation=args.official_grad_accumulation,
@@ -133,7 +190,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:
-    """Run a sweep for a command line: exit status 2 with the message on a settings mismatch."""
+    """Run a sweep for a command line: exit status 2 with a one-line message on a settings
+    mismatch or damaged settings record, 1 on an output folder or file that cannot be
+    written (unwritable, full), instead of a traceback."""
+    from pagjax import io as io_lib
     from pagjax.experiment import SettingsMismatchError, run_sweep
 
     try:
@@ -141,15 +201,26 @@ def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:
     except SettingsMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (io_lib.OutputNotWritableError, io_lib.CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a full disk mid-run: the path and the reason, not a traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else f" in {out}"
+        print(f"error: cannot write{where}: {e.strerror or e}. Free space or fix permissions, then rerun "
+              "the same command to resume.", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from pagjax import io as io_lib
+
     try:
         config = config_from_args(args)
         config.validate()
-    except ValueError as e:
+        io_lib.check_writable_dir(args.out, "--out")  # before any data is built or model trained
+    except (ValueError, io_lib.OutputNotWritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run_and_report(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)

@@ -13,8 +13,13 @@ It writes into `out_dir`:
 Fault tolerance: training checkpoints every ``checkpoint_every`` steps; a rerun into the
 same folder resumes from the last checkpoint and skips finished methods. A rerun with
 different settings stops with `SettingsMismatchError` unless ``overwrite=True``.
-Execution details (``strategy``, ``steps_per_call``, ``checkpoint_every``, ``data_dir``,
-``download``) may differ between runs: they do not change what is computed.
+Execution details (``steps_per_call``, ``checkpoint_every``, ``data_dir``, ``download``)
+may differ between runs: they do not change what is computed. The strategy does (vmap,
+loop and sharded round differently, and the differences grow through training), so the
+resolved strategy is a setting: a resume with another one stops like any other change.
+Damaged state is handled, never trusted: a checkpoint failing its digest is moved aside
+(`pagjax.io.Checkpointer`); a bad ``points/`` file is named and re-measured; results
+without a readable ``config.json`` stop the run with a message saying how to proceed.
 
 Real images (``dataset`` one of `pagjax.data.dataset_names()`: ``digits`` always,
 ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet64`` when prepared) have no known
@@ -51,7 +56,10 @@ from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import plots, regimes, sweep, training, validation
 
-EXECUTION_FIELDS = ("strategy", "steps_per_call", "checkpoint_every", "data_dir", "download")
+# Fields that do not change what is computed. ``strategy`` is not one: vmap, loop and
+# sharded round differently and the differences grow through training (a regime label
+# can flip), so the resolved strategy is part of the settings a resume must match.
+EXECUTION_FIELDS = ("steps_per_call", "checkpoint_every", "data_dir", "download")
 
 # Default grids for the built-in data (linear_default with normal_offset 0.2, MLP width
 # 256): each spans weak -> Bayes-aligned -> excessive (found by probe runs, README).
@@ -78,6 +86,29 @@ RESULT_COLUMNS = (
     "grad_on_manifold_fraction", "random_fraction", "bayes_fraction", "score_cosine", "bayes_cosine", "lpips_alignment",
     "robust_accuracy", "regime", "diverged", "learned_bayes_cosine",
 )
+
+
+MAX_STEPS = 10_000_000
+MAX_SEED = 1_000_000_000
+
+
+def check_model_options(name: str) -> None:
+    """Integer options of a model name (``mlp:width=256``) must be integers >= 1 (depth >= 0).
+
+    `models.build_model` accepts any value and the network fails only when first traced,
+    seconds later and deep in flax; this check says which option is wrong, at once.
+    """
+    base, _, opts = name.partition(":")
+    validation.check_choice("model name", base, models_lib.MODEL_NAMES)
+    fields = {f.name: f.default for f in dataclasses.fields(models_lib._MODULES[base])}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        default = fields.get(key.strip())
+        if eq and isinstance(default, int) and not isinstance(default, bool):
+            v, least = value.strip(), 0 if key.strip() == "depth" else 1  # depth 0: a linear model
+            if not v.isdigit() or int(v) < least:
+                raise ValueError(f"model option {key.strip()} of {name!r} must be an integer >= {least}, got {v!r}")
+    models_lib.build_model(name, 2)  # raises on an unknown option or activation
 
 
 class SettingsMismatchError(ValueError):
@@ -153,7 +184,7 @@ class SweepConfig:
     official_grad_accumulation: bool = False
     official_bn_updates: bool = False
     measure: measure_lib.MeasureConfig = measure_lib.MeasureConfig()
-    strategy: str = "auto"
+    strategy: str = "auto"  # a setting, resolved per machine: strategies round differently
     steps_per_call: int = 100
     checkpoint_every: int = 200
     image_size: int | None = None  # real data: resize to image_size x image_size
@@ -173,6 +204,8 @@ class SweepConfig:
         """Check every setting before any data is built or anything compiled."""
         if not self.methods:
             raise ValueError("methods must name at least one method")
+        if len(set(self.methods)) != len(self.methods):  # would train and write the same rows twice
+            raise ValueError(f"methods must be distinct, got {list(self.methods)}")
         for m in self.methods:
             validation.check_choice("method", m, objectives_lib.METHODS)
             if m not in self.strengths or not len(self.strengths[m]):
@@ -183,6 +216,17 @@ class SweepConfig:
                 raise ValueError(f"strengths[{m!r}] must be strictly increasing, got {s.tolist()}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct integers, got {self.seeds}")
+        for seed in self.seeds:
+            # JAX keys take 32-bit seeds, and the measurement adds 10_000 to a seed
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < MAX_SEED:
+                raise ValueError(f"seeds must be integers in [0, {MAX_SEED}), got {seed!r}")
+        validation.check_positive_int("steps", self.steps)
+        if self.steps > MAX_STEPS:  # the step counter is int32; no sweep needs this many steps
+            raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        for k, v in self.dataset_kwargs.items():
+            if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+                raise ValueError(f"dataset option {k} must be finite, got {v!r}")
+        check_model_options(self.model)
         from pagjax import data as data_lib
         from pagjax.manifolds import manifold_names
 
@@ -198,7 +242,6 @@ class SweepConfig:
             data_lib.check_available(self.dataset, data_dir=self.data_dir, download=self.download)  # fast; offline unless download
         validation.check_positive_int("n_train", self.n_train)
         validation.check_positive_int("n_test", self.n_test)
-        models_lib.build_model(self.model, 2)  # raises on a bad name or option
         training.TrainConfig(model=self.model, steps=self.steps, batch_size=self.batch_size,
                              optimizer=self.optimizer, pgd_steps=self.pgd_steps,
                              smoothness_noise_std=self.smoothness_noise_std).validate()
@@ -220,7 +263,16 @@ class SweepConfig:
         for f in EXECUTION_FIELDS:
             d.pop(f)
         d["strengths"] = {m: [float(v) for v in d["strengths"][m]] for m in self.methods}
+        d["strategy"] = self.resolved_strategies()
         return d
+
+    def resolved_strategies(self) -> dict:
+        """Per method, the strategy its models train with on this machine (``auto``
+        resolved: it depends on the backend, the device count and the number of models)."""
+        if self.strategy != "auto":
+            return {m: self.strategy for m in self.methods}
+        model = models_lib.build_model(self.model, 2)
+        return {m: sweep.choose_strategy(model, len(self.strengths[m]) * len(self.seeds)) for m in self.methods}
 
 
 def library_versions() -> dict:
@@ -234,25 +286,69 @@ def library_versions() -> dict:
             "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
+RESULT_FILES = ("results.csv", "regimes.json", "summary.json", "figure3.png")
+
+
+def _results_present(out_dir: str) -> list[str]:
+    """The results and state in `out_dir` that a settings record must vouch for."""
+    found = [f for f in RESULT_FILES if os.path.exists(os.path.join(out_dir, f))]
+    found += sorted(f for f in os.listdir(out_dir) if f.startswith("gradients_") and f.endswith(".png"))
+    for sub in ("points", "checkpoints"):
+        folder = os.path.join(out_dir, sub)
+        if os.path.isdir(folder) and os.listdir(folder):
+            found.append(sub + "/")
+    return found
+
+
+def _delete_results(out_dir: str) -> None:
+    for sub in ("points", "checkpoints"):
+        shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    for f in _results_present(out_dir):  # old figures too: they must not sit beside new results
+        if not f.endswith("/"):
+            os.remove(os.path.join(out_dir, f))
+
+
 def prepare_output(out_dir: str, config: SweepConfig, overwrite: bool) -> None:
-    """Create `out_dir`, or check that an existing run there has the same settings."""
+    """Create `out_dir`, or check that an existing run there has the same settings.
+
+    Raises `pagjax.io.OutputNotWritableError` when `out_dir` cannot be written, and
+    `SettingsMismatchError` when it holds results made with other settings or results
+    whose settings record (``config.json``) is missing or damaged; ``overwrite`` deletes
+    those results instead. Leftover ``.tmp-*`` files of killed writes are removed.
+    """
+    io_lib.check_writable_dir(out_dir, "output folder")
+    io_lib.remove_temp_files(out_dir)
     path = os.path.join(out_dir, "config.json")
     settings = config.settings()
+    problem = None
     if os.path.exists(path):
-        old = io_lib.read_json(path).get("settings", {})
-        if old != settings:
-            if not overwrite:
+        try:
+            record = io_lib.read_json(path)
+            if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+                raise io_lib.DamagedFileError(f"{os.path.abspath(path)} is damaged (no settings record)")
+            old = record["settings"]
+            if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                raise SettingsMismatchError(
-                    f"{out_dir} holds a sweep with different settings (differing: {', '.join(diff)}). "
-                    "Use another output folder, or pass overwrite (--overwrite) to delete the old results."
-                )
-            for sub in ("points", "checkpoints"):
-                shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
-            for f in ("results.csv", "regimes.json", "summary.json"):
-                if os.path.exists(os.path.join(out_dir, f)):
-                    os.remove(os.path.join(out_dir, f))
-    os.makedirs(out_dir, exist_ok=True)
+                problem = f"{out_dir} holds a sweep with different settings (differing: {', '.join(diff)})"
+                if "strategy" in diff and isinstance(old.get("strategy"), dict):
+                    # vmap, loop and sharded round differently, so a resume must keep the strategy
+                    made = sorted(set(old["strategy"].values()))
+                    problem += (f"; it was trained with --strategy {' / '.join(made)}, which rounds differently "
+                                "from the one asked for: resume with that strategy")
+        except (io_lib.DamagedFileError, OSError) as e:
+            problem = f"{out_dir} holds results but its settings record is unreadable: {e}"
+    else:
+        # The settings check must not hinge on one file that can vanish: results without a
+        # record could have been made with any settings.
+        found = _results_present(out_dir)
+        if found:
+            problem = (f"{out_dir} holds results ({', '.join(found)}) but no settings record "
+                       f"({os.path.abspath(path)} is missing), so they cannot be checked against these settings")
+    if problem is not None:
+        if not overwrite:
+            raise SettingsMismatchError(
+                f"{problem}. Use another output folder, or pass overwrite (--overwrite) to delete the old results.")
+        _delete_results(out_dir)
     io_lib.write_json(path, {"settings": settings, "versions": library_versions()})
 
 
@@ -495,6 +591,61 @@ def format_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CHANCE_MARGIN = 0.1  # "at chance": accuracy within 10% of the chance-to-perfect range above chance
+
+
+def at_chance(accuracy: float, num_classes: int) -> bool:
+    """Whether a model's accuracy is at chance: trained to nothing (e.g. by a huge learning
+    rate or strength) without ever producing a NaN, so it is not marked diverged."""
+    chance = 1.0 / num_classes
+    return bool(np.isfinite(accuracy) and accuracy <= chance + CHANCE_MARGIN * (1.0 - chance))
+
+
+def seed_evidence(curves: dict, num_classes: int) -> list[dict]:
+    """Per strength: the label, each seed's off/on ratio and accuracy, whether the seeds
+    agree on the weak / Bayes-aligned side (off/on above or below 1) and which seeds are
+    at chance. A label its seeds do not agree on hinges on rounding and seeds: it needs
+    more seeds, not more trust."""
+    out = []
+    for i, s in enumerate(curves["strengths"]):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = curves["off_change"][i] / curves["on_change"][i]
+        acc = curves["accuracy"][i]
+        ok = np.isfinite(ratio)
+        sides = {bool(r > 1) for r in ratio[ok]}
+        chance_seeds = [j for j, a in enumerate(acc) if at_chance(a, num_classes)]
+        out.append({
+            "strength": float(s), "label": curves["labels"][i],
+            "off_on_per_seed": [None if not np.isfinite(r) else float(r) for r in ratio],
+            "off_on_spread": [float(ratio[ok].min()), float(ratio[ok].max())] if ok.any() else None,
+            "accuracy_per_seed": [None if not np.isfinite(a) else float(a) for a in acc],
+            "seeds_agree": len(sides) <= 1 and int(ok.sum()) >= 2,
+            "measured_seeds": int(ok.sum()),
+            "at_chance_seeds": chance_seeds,
+        })
+    return out
+
+
+def model_health(rows_by_method: dict, num_classes: int) -> list[str]:
+    """Console lines naming the diverged and collapsed (at-chance) models, and why a
+    method has no labels at all; empty when every model trained."""
+    lines = []
+    for method, rows in rows_by_method.items():
+        diverged = [r for r in rows if r.get("diverged")]
+        collapsed = [r for r in rows if not r.get("diverged") and at_chance(float(r.get("accuracy", np.nan)), num_classes)]
+        name = lambda r: f"{r['strength']:g}/seed {r['seed']}"  # noqa: E731
+        if diverged and len(diverged) == len(rows):
+            lines.append(f"{method}: every model diverged (a NaN/inf loss or gradient): no regime labels; "
+                         "lower the learning rate (--lr) or the strengths")
+        elif diverged:
+            lines.append(f"{method}: {len(diverged)} of {len(rows)} models diverged (NaN/inf), left out of the "
+                         f"curves: {', '.join(map(name, diverged))}")
+        if collapsed:
+            lines.append(f"{method}: {len(collapsed)} of {len(rows)} models are at chance accuracy (collapsed "
+                         f"without a NaN; their labels are not evidence): {', '.join(map(name, collapsed))}")
+    return lines
+
+
 def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids_by_method: dict,
                   data: SweepData, evalset) -> list[dict]:
     """results.csv, regimes.json, summary.json and the figures, from finished methods."""
@@ -509,6 +660,8 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
             all_rows.append({**r, "regime": label_of[r["strength"]]})
         summaries.append(summarize(curves, result, method))
         regime_info[method] = result.as_dict() if result is not None else None
+        if regime_info[method] is not None:
+            regime_info[method]["per_seed"] = seed_evidence(curves, data.num_classes)
         fig_curves[method] = {"strengths": curves["strengths"], "labels": curves["labels"],
                               "on_change": curves["on_change"], "off_change": curves["off_change"],
                               "accuracy": curves["accuracy"], "alignment": curves[curves["alignment_column"]],
@@ -538,6 +691,43 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
     return summaries
 
 
+def load_points(config: SweepConfig, method: str, point_file: str, grid_file: str, data: SweepData):
+    """A finished method's rows and gradient grids, checked against the settings.
+
+    Raises `pagjax.io.DamagedFileError` naming the file when it is unreadable or does not
+    hold exactly one row per (strength, seed) of `method` (e.g. ``[]``) or grids of the
+    expected shape; `FileNotFoundError` when one of the pair is missing.
+    """
+    for f in (point_file, grid_file):
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f} is missing")
+    rows = io_lib.read_json(point_file)
+    strengths, seeds = _method_points(config, method)
+    want = list(zip(strengths, seeds))
+
+    def bad(why):
+        return io_lib.DamagedFileError(f"{os.path.abspath(point_file)} is damaged ({why})")
+
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise bad("not a list of rows")
+    try:
+        got = [(float(r["strength"]), int(r["seed"])) for r in rows]
+    except (KeyError, TypeError, ValueError):
+        raise bad("a row lacks a numeric strength or seed") from None
+    if got != want or any(r.get("method") != method or not isinstance(r.get("diverged"), bool) for r in rows):
+        raise bad(f"holds {len(rows)} rows, expected one per (strength, seed) of {method}: {len(want)}")
+    for r in rows:
+        for key in ("accuracy", "on_change", "off_change"):
+            v = r.get(key)
+            if not r["diverged"] and not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)):
+                raise bad(f"row {method} strength {r['strength']:g} seed {r['seed']} has no finite {key}")
+    grids = io_lib.load_npz(grid_file, "grads")
+    shape = (len(want), "grid", *data.x_test.shape[1:])
+    if grids.ndim != len(shape) or grids.shape[0] != len(want) or grids.shape[2:] != data.x_test.shape[1:]:
+        raise io_lib.DamagedFileError(f"{os.path.abspath(grid_file)} is damaged (shape {grids.shape}, expected {shape})")
+    return rows, grids
+
+
 def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, progress: bool = True,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run (or resume) a sweep into `out_dir`; returns the per-method summaries."""
@@ -555,12 +745,18 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
         k = len(config.strengths[method]) * len(config.seeds)
         point_file = os.path.join(out_dir, "points", f"{method}.json")
         grid_file = os.path.join(out_dir, "points", f"{method}_gradients.npz")
-        if os.path.exists(point_file) and os.path.exists(grid_file):
-            rows_by_method[method] = io_lib.read_json(point_file)
-            grids_by_method[method] = np.load(grid_file)["grads"]
-            bar.update(k * config.steps)
-            log(f"{method}: already finished, skipped")
-            continue
+        if os.path.exists(point_file) or os.path.exists(grid_file):
+            try:
+                rows, grids = load_points(config, method, point_file, grid_file, data)
+                rows_by_method[method], grids_by_method[method] = rows, grids
+                bar.update(k * config.steps)
+                log(f"{method}: already finished, skipped")
+                continue
+            except (io_lib.DamagedFileError, FileNotFoundError) as e:
+                log(f"{method}: {e}; measuring it again")
+                for f in (point_file, grid_file):
+                    if os.path.exists(f):
+                        os.remove(f)
         seen = [0]
 
         def on_progress(p, method=method, k=k, seen=seen):
@@ -580,5 +776,14 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     bar.close()
     summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data, evalset)
     log(format_table(summaries))
+    for line in model_health(rows_by_method, data.num_classes):
+        log(line)
+    for method in config.methods:  # labels whose seeds disagree hinge on rounding
+        info = io_lib.read_json(os.path.join(out_dir, "regimes.json")).get(method) or {}
+        shaky = [e for e in info.get("per_seed", []) if e["measured_seeds"] >= 2 and not e["seeds_agree"]]
+        if shaky:
+            where = ", ".join(f"{e['strength']:g}" for e in shaky)
+            log(f"{method}: seeds disagree on the weak / Bayes-aligned side at strength {where} "
+                "(per-seed off/on in regimes.json): run more seeds")
     log(f"wrote {out_dir}/results.csv, figure3.png, gradients_*.png in {time.perf_counter() - t0:.0f} s")
     return summaries

@@ -45,7 +45,7 @@ def per_example_scalar(logits: Array, labels: Array | None, target: str) -> Arra
 
 def _check(x, labels, target):
     validation.check_choice("target", target, TARGETS)
-    validation.check_images("x", x, ranks=(2, 3, 4))
+    validation.check_images("x", x, ranks=(2, 3, 4), finite=True)
     if target in _NEEDS_LABELS:
         if labels is None:
             raise ValueError(f"labels are required for target {target!r}")
@@ -71,7 +71,10 @@ def value_and_input_gradients(
     _check(x, labels, target)
 
     def total(inputs):
-        values = per_example_scalar(apply_fn(params, inputs), labels, target)
+        logits = apply_fn(params, inputs)
+        if target in _NEEDS_LABELS:  # the class count is known only now; out of range gathers give 0 gradients
+            validation.check_labels("labels", labels, num_classes=logits.shape[-1])
+        values = per_example_scalar(logits, labels, target)
         return jnp.sum(values), values
 
     (_, values), grads = jax.value_and_grad(total, has_aux=True)(x)

@@ -71,10 +71,34 @@ def _check_eps(eps) -> np.ndarray:
 
 
 def _check_x_basis(x, basis) -> Array:
-    validation.check_images("x", x, ranks=(2, 3, 4))
+    validation.check_images("x", x, ranks=(2, 3, 4))  # not finite=True: also checks computed gradients
     basis = geometry._basis_array(basis)
     geometry.check_basis("basis", basis, d=geometry.num_features(x), n=x.shape[0])
     return basis
+
+
+def _check_orthonormal(name: str, basis, atol: float = 1e-3) -> None:
+    """A tangent basis for on/off-manifold changes must be finite with orthonormal
+    columns and leave a normal space: the projections assume P = U U^T, and a skewed
+    basis moves the off/on ratio (0.60 -> 0.85 in one probe) without any error."""
+    if not validation._is_concrete(basis):
+        return
+    with jax.ensure_compile_time_eval():  # concrete: evaluate now, even inside a caller's trace
+        b = jnp.asarray(basis, jnp.float32)
+        if not bool(jnp.isfinite(b).all()):
+            raise ValueError(f"{name} must be finite, but it holds NaN or inf values")
+        d, k = b.shape[-2], b.shape[-1]
+        if k >= d:
+            raise ValueError(f"{name} spans all {d} input dimensions (shape {tuple(b.shape)}): "
+                             "there is no off-manifold direction; the tangent dimension k must be < d")
+        gram = jnp.einsum("...dk,...dl->...kl", b, b)
+        # zero columns are allowed: `geometry.orthonormalize` pads a rank-deficient basis with them
+        unit = jnp.diagonal(gram, axis1=-2, axis2=-1) > 0.5
+        ideal = jnp.eye(k, dtype=b.dtype) * unit[..., None, :]
+        err = float(jnp.max(jnp.abs(gram - ideal))) if k else 0.0
+    if err > atol:
+        raise ValueError(f"{name} must have orthonormal columns (U^T U = I, zero columns allowed); it is off by "
+                         f"up to {err:.3g}. Orthonormalise it first, e.g. pagjax.geometry.orthonormalize")
 
 
 def _check_directions(name: str, v, x, min_directions: int = 0) -> None:
@@ -273,6 +297,8 @@ def on_off_manifold_change(
       off/on ratio.
     """
     basis = _check_x_basis(x, basis)
+    validation.check_finite("x", x)
+    _check_orthonormal("basis", basis)
     eps_arr = jnp.asarray(_check_eps(eps))
     validation.check_positive_int("num_directions", num_directions)
     if batch_size is not None:

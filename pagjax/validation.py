@@ -41,8 +41,10 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_images(name: str, x, *, ranks: Sequence[int] = (4,)) -> None:
-    """Images must be a floating array of one of the given ranks (NHWC is rank 4)."""
+def check_images(name: str, x, *, ranks: Sequence[int] = (4,), finite: bool = False) -> None:
+    """Images must be a floating array of one of the given ranks (NHWC is rank 4) and,
+    with ``finite=True``, hold no NaN/inf (for inputs; off by default because computed
+    maps, such as a saturated model's gradients, may be non-finite and are handled later)."""
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
     if shape is None or dtype is None:
@@ -54,6 +56,22 @@ def check_images(name: str, x, *, ranks: Sequence[int] = (4,)) -> None:
         )
     if not np.issubdtype(np.dtype(dtype), np.floating):
         raise ValueError(f"{name} must have a floating dtype (e.g. float32), got {dtype}")
+    if finite:
+        check_finite(name, x)
+
+
+def check_finite(name: str, x) -> None:
+    """A concrete array must hold no NaN or inf: they would train or measure silently
+    into NaN (or, through skipped updates, into an untrained model)."""
+    if not _is_concrete(x):
+        return
+    if isinstance(x, np.ndarray):
+        finite = bool(np.isfinite(x).all())
+    else:  # reduce on the device (no copy of a large array to the host), eagerly even under a trace
+        with jax.ensure_compile_time_eval():
+            finite = bool(jax.numpy.isfinite(x).all())
+    if not finite:
+        raise ValueError(f"{name} must be finite, but it holds NaN or inf values")
 
 
 def check_labels(name: str, y, num_classes: int | None = None, batch: int | None = None) -> None:
@@ -66,6 +84,9 @@ def check_labels(name: str, y, num_classes: int | None = None, batch: int | None
         raise ValueError(f"{name} must have an integer dtype (e.g. int32), got {dtype}")
     if batch is not None and shape[0] != batch:
         raise ValueError(f"{name} must have {batch} entries (one per example), got {shape[0]}")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 for the labels {name} (one class has nothing to classify), "
+                         f"got {num_classes}")
     if num_classes is not None and _is_concrete(y) and shape[0] > 0:
         arr = np.asarray(y)
         lo, hi = int(arr.min()), int(arr.max())

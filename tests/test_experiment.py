@@ -88,8 +88,10 @@ def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
     changed = SweepConfig(**{**TINY.__dict__, "steps": 40})
     with pytest.raises(SettingsMismatchError, match="steps"):
         run_sweep(changed, out, progress=False, log=lambda s: None)
-    # execution details are not settings
-    run_sweep(SweepConfig(**{**TINY.__dict__, "strategy": "loop"}), out, progress=False, log=lambda s: None)
+    # execution details are not settings; the strategy is (it rounds differently)
+    run_sweep(SweepConfig(**{**TINY.__dict__, "steps_per_call": 5}), out, progress=False, log=lambda s: None)
+    with pytest.raises(SettingsMismatchError, match="strategy"):
+        run_sweep(SweepConfig(**{**TINY.__dict__, "strategy": "loop"}), out, progress=False, log=lambda s: None)
     run_sweep(changed, out, overwrite=True, progress=False, log=lambda s: None)
     assert json.load(open(os.path.join(out, "config.json")))["settings"]["steps"] == 40
 
