@@ -1,8 +1,9 @@
 """Training a whole strength sweep (strengths x seeds) with one function.
 
 `train_models` trains K models of one method, model architecture and optimizer, which
-differ only in strength and seed. Model k is trained exactly as `pagjax.training.train`
-would train it alone: parameters from ``split(key(seed_k), 3)[0]``, batches from
+differ only in strength and seed. Model k is trained as `pagjax.training.train` would
+train it alone (up to floating-point rounding, which differs between strategies and can
+grow through training; the sweep therefore records the strategy in its settings): parameters from ``split(key(seed_k), 3)[0]``, batches from
 ``batch_indices(data_key, step)``, step noise from ``fold_in(step_key, step)``. Only how
 the K models share the hardware changes (``strategy``):
 

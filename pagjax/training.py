@@ -226,8 +226,9 @@ class TrainResult(NamedTuple):
 
 
 def check_training_data(x, y, num_classes: int, batch_size: int) -> None:
-    """Validate training arrays once, before any compilation."""
-    validation.check_images("x", x)
+    """Validate training arrays once, before any compilation (a NaN in x would make every
+    step non-finite and skipped: refused here instead)."""
+    validation.check_images("x", x, finite=True)
     validation.check_labels("y", y, num_classes=num_classes, batch=x.shape[0])
     if x.shape[0] < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")

@@ -220,6 +220,7 @@ API_CASES = [
      "x must be finite"),
     ("check-images-inf", lambda: validation.check_images("x", jnp.ones((2, 2, 2, 1)).at[0, 0, 0, 0].set(jnp.inf),
                                                          finite=True), "x must be finite"),
+    ("train-nan-in-x", lambda: _train(x=jnp.ones((8, 2, 2, 1)).at[3, 0, 0, 0].set(jnp.nan)), "x must"),
     ("train-one-class", lambda: _train(y=jnp.zeros(8, jnp.int32), num_classes=1), "num_classes must be >= 2"),
     ("train-labels-out-of-range", lambda: _train(y=jnp.array([0, 1, 2, 3] * 2), num_classes=2), "y must lie in [0, 2)"),
     ("train-batch-over-data", lambda: _train(x=jnp.ones((2, 2, 2, 1)), y=jnp.array([0, 1])), "exceeds the 2 training"),
@@ -296,4 +297,4 @@ HANDLED_CASES = len(CLI_CASES) + len(API_CASES)
 def test_the_table_counts_its_cases():
     """The count is kept: dropping a case fails here (adding one updates the numbers)."""
     assert len({c[0] for c in CLI_CASES}) == len(CLI_CASES) and len({c[0] for c in API_CASES}) == len(API_CASES)
-    assert (len(CLI_CASES), len(API_CASES), HANDLED_CASES) == (64, 39, 103)
+    assert (len(CLI_CASES), len(API_CASES), HANDLED_CASES) == (64, 40, 104)
