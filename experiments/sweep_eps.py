@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/sweep_eps", help="output folder (results.csv, figures, checkpoints)")
     p.add_argument("--methods", default=",".join(DEFAULT_STRENGTHS), help="comma-separated methods: gradnorm, smoothness, noise, pgd, ce")
-    p.add_argument("--strengths", default=None, help="comma-separated strengths for every chosen method (default: per-method grids)")
+    p.add_argument("--strengths", default=None, help="comma-separated strengths for every chosen method (default: per-method, per-dataset grids; "
+                        "with --official converted to official units: gradnorm c = lambda*B^2/1e5, PGD eps*sqrt(B))")
     p.add_argument("--log-range", default=None, help="LOW,HIGH,N: N log-spaced strengths for every chosen method")
     p.add_argument("--seeds", default="0,1", help="comma-separated integer seeds")
     p.add_argument("--dataset", default="linear_default",
@@ -143,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     from pagjax import data as data_lib
-    from pagjax.experiment import DEFAULT_STRENGTHS, REAL_DEFAULT_STRENGTHS, LearnedConfig, SweepConfig
+    from pagjax.experiment import LearnedConfig, SweepConfig, default_strengths
     from pagjax.measure import MeasureConfig
     from pagjax.training import PAPER_SGD, OptimizerConfig
 
@@ -158,8 +159,9 @@ def config_from_args(args: argparse.Namespace):
     elif args.strengths is not None:  # an empty --strengths is an error, not the default grid
         strengths = {m: _floats(args.strengths, "--strengths") for m in methods}
     else:
-        defaults = REAL_DEFAULT_STRENGTHS if real else DEFAULT_STRENGTHS
-        strengths = {m: defaults.get(m, (0.0,)) for m in methods}
+        # per-dataset grids, in official units under --official
+        strengths = {m: default_strengths(m, args.dataset, official=args.official, batch_size=args.batch_size)
+                     for m in methods}
     if args.optimizer == "adam":
         optimizer = OptimizerConfig(name="adam", learning_rate=ADAM_LR if args.lr is None else args.lr)
     else:  # the paper's SGD recipe, its learning rate included unless --lr is given

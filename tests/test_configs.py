@@ -58,3 +58,18 @@ def test_missing_cifar10_fails_fast(tmp_path, capsys):
     assert run_config.main([path, "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "python -m pagjax.data download cifar10" in capsys.readouterr().err
     assert run_config.main([str(tmp_path / "nope.py")]) == 2
+
+
+def test_default_grids_per_dataset_and_in_official_units():
+    from experiments import sweep_eps
+    from pagjax.experiment import default_strengths
+
+    textbook = sweep_eps.config_from_args(sweep_eps.parse_args(["--methods", "gradnorm,pgd,noise"]))
+    official = sweep_eps.config_from_args(sweep_eps.parse_args(["--methods", "gradnorm,pgd,noise", "--official",
+                                                                "--batch-size", "64"]))
+    np.testing.assert_allclose(official.strengths["pgd"], np.asarray(textbook.strengths["pgd"]) * 8.0)
+    np.testing.assert_allclose(official.strengths["gradnorm"], np.asarray(textbook.strengths["gradnorm"]) * 64**2 / 1e5)
+    assert official.strengths["noise"] == textbook.strengths["noise"]
+    # real MNIST reaches chance accuracy at PGD eps 10 and noise 10: its grids go there
+    assert max(default_strengths("pgd", "mnist")) >= 10 > max(default_strengths("pgd", "digits"))
+    assert max(default_strengths("noise", "cifar10")) >= 10
