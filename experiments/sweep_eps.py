@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regime-eps", type=float, default=1.0, help="which eps drives the regime labels")
     p.add_argument("--align-noise", type=float, default=0.3, help="noise level of the score / Bayes gradient used for alignment")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS alignment (faster)")
+    p.add_argument("--alignment", default="default", choices=("default", "paper"),
+                   help="alignment protocol of the figure and summary: default (grad log p(y|x) vs Bayes gradient) or "
+                        "paper (1 - LPIPS between grad of the logit sum and the unconditional score at sigma 0.5); "
+                        "results.csv holds both")
     p.add_argument("--robust-eps", type=float, default=None, help="also measure PGD robust accuracy at this L2 radius")
     p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded")
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
@@ -109,7 +113,7 @@ def config_from_args(args: argparse.Namespace):
         optimizer = dataclasses.replace(PAPER_SGD, name=args.optimizer,
                                         learning_rate=PAPER_SGD.learning_rate if args.lr is None else args.lr)
     measure = MeasureConfig(eps=_floats(args.eps), regime_eps=args.regime_eps, align_noise=args.align_noise,
-                            lpips=not args.no_lpips, pgd_eps=args.robust_eps)
+                            lpips=not args.no_lpips, pgd_eps=args.robust_eps, alignment=args.alignment)
     steps = args.steps if args.steps is not None else (600 if args.dataset == "digits" else 1000)
     extra = {}
     if real:

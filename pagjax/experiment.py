@@ -71,11 +71,19 @@ REAL_DEFAULT_STRENGTHS = {
     "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
     "pgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
 }
+# what the summary's and the figure's alignment column measures, by results.csv column
+ALIGNMENT_LABELS = {"bayes_cosine": "exact Bayes gradient", "learned_bayes_cosine": "learned Bayes gradient",
+                    "paper_lpips_alignment": "paper: 1-LPIPS(grad logit sum, unconditional score)",
+                    "paper_score_cosine": "paper: cosine(grad logit sum, unconditional score)"}
+ALIGNMENT_CURVE_LABELS = {"bayes_cosine": "cosine with Bayes gradient",
+                          "learned_bayes_cosine": "cosine with LEARNED Bayes gradient",
+                          "paper_lpips_alignment": "paper protocol: 1 - LPIPS vs score",
+                          "paper_score_cosine": "paper protocol: cosine vs score"}
 STRENGTH_NAMES = {"gradnorm": "lambda", "smoothness": "lambda", "noise": "noise s", "pgd": "eps (L2)", "ce": "-"}
 RESULT_COLUMNS = (
     "method", "strength", "seed", "accuracy", "bayes_accuracy", "on_change", "off_change", "off_on_ratio",
     "grad_on_manifold_fraction", "random_fraction", "bayes_fraction", "score_cosine", "bayes_cosine", "lpips_alignment",
-    "robust_accuracy", "regime", "diverged", "learned_bayes_cosine",
+    "robust_accuracy", "regime", "diverged", "learned_bayes_cosine", "paper_score_cosine", "paper_lpips_alignment",
 )
 
 
@@ -421,7 +429,8 @@ def method_curves(rows: list[dict], config: SweepConfig, method: str, num_classe
         return out
 
     curves = {c: grid(c) for c in ("on_change", "off_change", "accuracy", "bayes_cosine", "score_cosine",
-                                   "grad_on_manifold_fraction", "lpips_alignment", "learned_bayes_cosine")}
+                                   "grad_on_manifold_fraction", "lpips_alignment", "learned_bayes_cosine",
+                                   "paper_score_cosine", "paper_lpips_alignment")}
     with warnings.catch_warnings():  # all-NaN rows (diverged or unmeasured) are expected
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {c: np.nanmean(v, 1) for c, v in curves.items()}
@@ -434,8 +443,10 @@ def method_curves(rows: list[dict], config: SweepConfig, method: str, num_classe
         for i, lab in zip(np.nonzero(ok)[0], result.labels):
             labels[i] = lab
     learned = not np.isfinite(mean["bayes_cosine"]).any() and np.isfinite(mean["learned_bayes_cosine"]).any()
-    curves.update(strengths=strengths, labels=labels, mean=mean,
-                  alignment_column="learned_bayes_cosine" if learned else "bayes_cosine")
+    column = "learned_bayes_cosine" if learned else "bayes_cosine"
+    if config.measure.alignment == "paper":  # the paper's protocol (pagjax.measure docstring)
+        column = "paper_lpips_alignment" if np.isfinite(mean["paper_lpips_alignment"]).any() else "paper_score_cosine"
+    curves.update(strengths=strengths, labels=labels, mean=mean, alignment_column=column)
     return curves, result
 
 
@@ -443,7 +454,7 @@ def summarize(curves: dict, result: regimes.RegimeResult | None, method: str) ->
     """The per-method line of the final table."""
     column = curves.get("alignment_column", "bayes_cosine")
     align = curves["mean"][column]
-    out = {"method": method, "alignment": "learned Bayes gradient" if column != "bayes_cosine" else "exact Bayes gradient"}
+    out = {"method": method, "alignment": ALIGNMENT_LABELS.get(column, column)}
     if np.isfinite(align).any():
         i = int(np.nanargmax(align))
         out.update(peak_bayes_cosine=float(align[i]), peak_at=float(curves["strengths"][i]),
@@ -487,8 +498,7 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
         fig_curves[method] = {"strengths": curves["strengths"], "labels": curves["labels"],
                               "on_change": curves["on_change"], "off_change": curves["off_change"],
                               "accuracy": curves["accuracy"], "alignment": curves[curves["alignment_column"]],
-                              "alignment_label": ("cosine with Bayes gradient" if curves["alignment_column"] == "bayes_cosine"
-                                                  else "cosine with LEARNED Bayes gradient")}
+                              "alignment_label": ALIGNMENT_CURVE_LABELS[curves["alignment_column"]]}
         grids = grids_by_method[method]
         strengths, seeds = _method_points(config, method)
         first_seed = [i for i, sd in enumerate(seeds) if sd == config.seeds[0]]

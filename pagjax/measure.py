@@ -44,6 +44,9 @@ from pagjax import alignment, attacks, gradients, robustness, validation
 from pagjax.objectives import cross_entropy
 
 Array = jax.Array
+# "default": grad log p(y|x) vs the Bayes gradient (exact, or learned on real images);
+# "paper": 1 - LPIPS between grad of the logit sum and the unconditional score at paper_noise
+ALIGNMENT_PROTOCOLS = ("default", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class MeasureConfig:
     pgd_steps: int = 10
     grid_images: int = 6
     paper_noise: float = 0.5  # the paper protocol's noise level (EDM sigma)
+    alignment: str = "default"  # the figure's/summary's alignment protocol: "default" or "paper"
 
     def validate(self):
         if not self.eps:
@@ -77,6 +81,7 @@ class MeasureConfig:
         validation.check_positive_int("lpips_images", self.lpips_images)
         validation.check_positive_int("grid_images", self.grid_images)
         validation.check_positive("paper_noise", self.paper_noise)
+        validation.check_choice("alignment", self.alignment, ALIGNMENT_PROTOCOLS)
         if self.pgd_eps is not None:
             validation.check_positive("pgd_eps", self.pgd_eps)
 

@@ -45,3 +45,23 @@ def test_paper_alignment_is_one_for_the_score_and_lower_for_a_random_model(setup
     rand_row, _ = measure.measure_model(lambda v, x: x.reshape(x.shape[0], -1) @ v, w, ev, cfg, jax.random.key(1))
     assert abs(rand_row["paper_score_cosine"]) < 0.5
     assert rand_row["paper_lpips_alignment"] < row["paper_lpips_alignment"] - 0.05
+
+
+@pytest.mark.parametrize("protocol,column", [("default", "bayes_cosine"), ("paper", "paper_lpips_alignment")])
+def test_sweep_alignment_curve_follows_the_protocol(protocol, column):
+    from pagjax import experiment
+
+    strengths = (0.1, 0.3, 1.0)
+    cfg = experiment.SweepConfig(methods=("noise",), strengths={"noise": strengths}, seeds=(0,),
+                                 measure=measure.MeasureConfig(alignment=protocol))
+    rows = [{"method": "noise", "strength": s, "seed": 0, "diverged": False, "accuracy": 0.9, "on_change": 0.1,
+             "off_change": 0.1, "bayes_cosine": 0.1 * i, "paper_lpips_alignment": 0.5 - 0.1 * i,
+             "paper_score_cosine": 0.2} for i, s in enumerate(strengths)]
+    curves, _ = experiment.method_curves(rows, cfg, "noise", 4)
+    assert curves["alignment_column"] == column
+    summary = experiment.summarize(curves, None, "noise")
+    assert summary["alignment"] == experiment.ALIGNMENT_LABELS[column]
+    # the peak is where the chosen protocol peaks: the strongest model (default), the weakest (paper)
+    assert summary["peak_at"] == (1.0 if protocol == "default" else 0.1)
+    with pytest.raises(ValueError):
+        measure.MeasureConfig(alignment="bogus").validate()
