@@ -519,3 +519,88 @@ def cosine(a: Array, b: Array) -> Array:
     a = a.reshape(a.shape[0], -1)
     b = b.reshape(b.shape[0], -1)
     return jnp.sum(a * b, 1) / (jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1) + 1e-12)
+
+
+# --------------------------------------------------------------------------- saving, sweep references
+
+
+def save_score_model(path: str, model: ScoreModel, extra: dict | None = None) -> None:
+    """Save to directory ``path`` (orbax arrays + ``config.json`` with ``extra`` settings)."""
+    from pagjax import io as io_lib
+
+    cfg = {"config": dataclasses.asdict(model.config), "image_shape": list(model.image_shape),
+           "sigma_data": float(model.sigma_data), "extra": extra}
+    io_lib.save_checkpoint_dir(path, "arrays", {"params": model.params, "mean": model.mean}, cfg)
+
+
+def load_score_model(path: str) -> tuple[ScoreModel, dict | None]:
+    """(model, the ``extra`` settings it was saved with) from `save_score_model`'s directory."""
+    from pagjax import io as io_lib
+
+    cfg = io_lib.read_checkpoint_config(path, "score model")
+    c = dict(cfg["config"])
+    c["channels"] = tuple(c["channels"])
+    config = ScoreModelConfig(**c)
+    shape = tuple(cfg["image_shape"])
+    net = make_network(config, shape)
+    y0 = jnp.zeros((1,), jnp.int32) if config.num_classes else None
+    like = jax.eval_shape(lambda: {"params": net.init(jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,)),
+                                                      y0)["params"],
+                                   "mean": jnp.zeros(shape, jnp.float32)})
+    arrays = io_lib.restore_checkpoint_dir(path, "arrays", like)
+    model = ScoreModel(params=arrays["params"], mean=arrays["mean"], sigma_data=float(cfg["sigma_data"]),
+                       config=config, image_shape=shape)
+    return model, cfg.get("extra")
+
+
+def reference_maps(model: ScoreModel, x: Array, y: Array, *, align_noise: float, paper_noise: float = 0.5,
+                   chunk_size: int = 64) -> dict:
+    """The sweep's learned references for eval images ``x`` (labels ``y``), as keyword
+    arguments of `pagjax.measure.prepare_eval_set`: ``score_maps`` (class-conditional score
+    at ``align_noise``), ``learned_bayes_maps`` (class score - unconditional score there) and
+    ``paper_score_maps`` (the unconditional score at ``paper_noise``, the paper's reference)."""
+    from pagjax import scores as sc
+
+    def maps(kind, s):
+        return sc.compute_scores(score_source(model, kind), x, y, noise_level=s, chunk_size=chunk_size)
+
+    return {"score_maps": maps("class_score", align_noise), "learned_bayes_maps": maps("bayes_gradient", align_noise),
+            "paper_score_maps": maps("score", paper_noise)}
+
+
+def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelConfig, key: Array, settings: dict,
+                       log=print) -> ScoreModel:
+    """The score model saved in ``directory/model`` when it was trained with ``settings``
+    (JSON-able: the data's identity and everything that shapes training), else trained
+    (checkpointed in ``directory/ckpt``, so a killed run resumes) and saved."""
+    import json
+    import os
+    import time
+
+    from pagjax import io as io_lib
+
+    settings = json.loads(json.dumps({**settings, "config": dataclasses.asdict(config)}))
+    model_dir = os.path.join(directory, "model")
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        model, extra = load_score_model(model_dir)
+        if extra == settings:
+            log("score model: loaded from cache")
+            return model
+    t = time.perf_counter()
+    ck_dir = os.path.join(directory, "ckpt")
+    ck_settings = os.path.join(directory, "ckpt_settings.json")
+    # resume only a run with the same settings; another run's checkpoints are discarded
+    if os.path.exists(ck_dir) and not (os.path.isfile(ck_settings) and io_lib.read_json(ck_settings) == settings):
+        import shutil
+
+        shutil.rmtree(ck_dir)
+    os.makedirs(directory, exist_ok=True)
+    io_lib.write_json(ck_settings, settings)
+    ck = io_lib.Checkpointer(ck_dir)
+    try:
+        model, res = train_score_model(x, y, config, key, checkpointer=ck, checkpoint_every=500)
+    finally:
+        ck.close()
+    save_score_model(model_dir, model, extra=settings)
+    log(f"score model: trained {config.steps} steps in {time.perf_counter() - t:.0f} s")
+    return model
