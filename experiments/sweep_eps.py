@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ae-latent", type=int, default=None, help="real data: autoencoder latents = tangent dimension (default 8 for digits, else 128)")
     p.add_argument("--ae-steps", type=int, default=2000, help="real data: autoencoder training steps")
     p.add_argument("--denoiser-steps", type=int, default=2000, help="real data: denoiser (learned score) training steps")
+    p.add_argument("--score-backend", default="denoiser", choices=("denoiser", "score_model"),
+                   help="real data: learned score from the denoiser or the EDM score model (U-Net, pagjax.score_model)")
+    p.add_argument("--score-model-steps", type=int, default=2000, help="real data: score model training steps")
     p.add_argument("--normal-offset", type=float, default=0.2, help="size of the class-informative off-manifold feature of the linear data")
     p.add_argument("--model", default="mlp:width=256", help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; digits: 600)")
@@ -121,7 +124,8 @@ def config_from_args(args: argparse.Namespace):
         conv = args.dataset != "digits"
         extra = dict(dataset_kwargs={}, image_size=args.image_size, data_dir=args.data_dir, download=args.download,
                      learned=LearnedConfig(ae_latent=latent, ae_steps=args.ae_steps, den_steps=args.denoiser_steps,
-                                           ae_arch="conv" if conv else "mlp", den_arch="conv" if conv else "mlp"))
+                                           ae_arch="conv" if conv else "mlp", den_arch="conv" if conv else "mlp",
+                                           score_backend=args.score_backend, sm_steps=args.score_model_steps))
     else:
         extra = dict(dataset_kwargs={"normal_offset": args.normal_offset})
     if args.n_train is not None:

@@ -115,6 +115,11 @@ class LearnedConfig:
     den_lr: float = 1e-3
     basis_method: str = "svd"
     seed: int = 0
+    # "score_model": the EDM score model (`pagjax.score_model`, U-Net) instead of the
+    # denoiser; it also gives the paper protocol's unconditional score at sigma 0.5
+    score_backend: str = "denoiser"
+    sm_channels: tuple[int, ...] = (32, 64)
+    sm_steps: int = 2000
 
     def validate(self, image_shape: tuple[int, ...] | None = None) -> None:
         """Check the settings (and, given the example shape, the architectures)."""
@@ -124,6 +129,8 @@ class LearnedConfig:
         validation.check_positive("den_lr", self.den_lr)
         validation.check_choice("ae_arch", self.ae_arch, ("mlp", "conv"))
         validation.check_choice("den_arch", self.den_arch, ("mlp", "conv"))
+        validation.check_choice("score_backend", self.score_backend, ("denoiser", "score_model"))
+        validation.check_positive_int("sm_steps", self.sm_steps)
         from pagjax import geometry
 
         validation.check_choice("basis_method", self.basis_method, geometry.ORTHO_METHODS)
@@ -357,6 +364,8 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
         lambda: ae_lib.learned_tangent_basis(ae, x_eval, method=lc.basis_method, example_chunk=32))
 
     s = float(mc.align_noise)
+    if lc.score_backend == "score_model":
+        return {"basis": tb.basis, **_score_model_maps(config, data, root, data_id, x_eval, y_eval, log)}
     den_settings = {**data_id, "noise": s, "arch": lc.den_arch, "width": lc.den_width, "depth": lc.den_depth,
                     "steps": lc.den_steps, "lr": lc.den_lr, "seed": lc.seed}
     den_dir = os.path.join(root, "denoiser")
@@ -381,6 +390,19 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
     null = jnp.full_like(y_eval, data.num_classes)
     uncond = scores_lib.compute_scores(source, x_eval, null, noise_level=s, chunk_size=64)
     return {"basis": tb.basis, "score_maps": class_score, "learned_bayes_maps": class_score - uncond}
+
+
+def _score_model_maps(config: SweepConfig, data: SweepData, root: str, data_id: dict, x_eval, y_eval, log) -> dict:
+    """`learned_geometry`'s score maps from the EDM score model (cached in ``learned/score_model``)."""
+    from pagjax import score_model as sm_lib
+
+    lc = config.learned
+    smc = sm_lib.ScoreModelConfig(channels=tuple(lc.sm_channels), steps=lc.sm_steps, num_classes=data.num_classes)
+    model = sm_lib.cached_score_model(os.path.join(root, "score_model"), jnp.asarray(data.x_train),
+                                      jnp.asarray(data.y_train), smc, jax.random.key(lc.seed + 1),
+                                      {**data_id, "seed": lc.seed}, log=log)
+    return sm_lib.reference_maps(model, x_eval, y_eval, align_noise=config.measure.align_noise,
+                                 paper_noise=config.measure.paper_noise)
 
 
 def make_eval_set(config: SweepConfig, data: SweepData, out_dir: str, log: Callable[[str], None] = print):
@@ -510,6 +532,9 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
         elif evalset.learned_bayes_maps is not None:
             rows_img.append(np.asarray(evalset.learned_bayes_maps[: config.measure.grid_images]))
             labels_img.append(f"learned Bayes s={config.measure.align_noise:g}")
+            if evalset.paper_score_maps is not None:  # the paper's reference: the learned score
+                rows_img.append(np.asarray(evalset.paper_score_maps[: config.measure.grid_images]))
+                labels_img.append(f"learned score s={config.measure.paper_noise:g}")
             rows_img.insert(0, np.asarray(evalset.x[: config.measure.grid_images]))
             labels_img.insert(0, "image")
         plots.gradient_grid(rows_img, labels_img, os.path.join(out_dir, f"gradients_{method}.png"),

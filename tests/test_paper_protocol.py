@@ -65,3 +65,34 @@ def test_sweep_alignment_curve_follows_the_protocol(protocol, column):
     assert summary["peak_at"] == (1.0 if protocol == "default" else 0.1)
     with pytest.raises(ValueError):
         measure.MeasureConfig(alignment="bogus").validate()
+
+
+def test_digits_sweep_with_the_score_model_and_the_paper_protocol(tmp_path):
+    import csv
+    import dataclasses
+    import os
+
+    from pagjax.experiment import LearnedConfig, SweepConfig, run_sweep
+
+    cfg = SweepConfig(
+        methods=("noise",), strengths={"noise": (0.0, 1.0)}, seeds=(0,), dataset="digits", dataset_kwargs={},
+        n_train=256, n_test=32, model="mlp:width=32", steps=20, batch_size=64, steps_per_call=20, checkpoint_every=20,
+        learned=LearnedConfig(ae_latent=6, ae_hidden=(32,), ae_steps=20, score_backend="score_model",
+                              sm_channels=(8, 16), sm_steps=10),
+        measure=measure.MeasureConfig(num_eval=16, num_directions=1, lpips=False, grid_images=3, alignment="paper"),
+    )
+    logs = []
+    summaries = run_sweep(cfg, str(tmp_path), progress=False, log=logs.append)
+    assert any(line.startswith("score model: trained") for line in logs)
+    with open(os.path.join(tmp_path, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert all(np.isfinite(float(r["paper_score_cosine"])) for r in rows)
+    assert all(np.isfinite(float(r["learned_bayes_cosine"])) for r in rows)
+    assert all(r["paper_lpips_alignment"] == "" for r in rows)  # lpips off: empty, not made up
+    assert summaries[0]["alignment"] == "paper: cosine(grad logit sum, unconditional score)"
+    assert os.path.isfile(os.path.join(tmp_path, "gradients_noise.png"))
+    # a rerun with more strengths reuses the cached score model
+    logs2 = []
+    cfg2 = dataclasses.replace(cfg, strengths={"noise": (0.0, 1.0, 2.0)})
+    run_sweep(cfg2, str(tmp_path), overwrite=True, progress=False, log=logs2.append)
+    assert "score model: loaded from cache" in logs2
