@@ -196,3 +196,17 @@ def test_save_load_cache_and_reference_maps(tmp_path):
     np.testing.assert_allclose(refs["paper_score_maps"], sm.score(m1, x[:5], 0.5), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(refs["learned_bayes_maps"], sm.bayes_gradient(m1, x[:5], 0.3, y[:5]), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_noise_classifier_gives_a_direct_bayes_gradient_on_linear_manifold():
+    # measured: 0.88 after 500 steps, 0.93 after 1500 (8192 samples); the score difference: 0.71
+    from pagjax.manifolds import build_manifold, make_dataset
+
+    m = build_manifold("linear_default")
+    d = make_dataset(m, jax.random.key(0), 4096, 256)
+    clf = sm.train_noise_classifier(d.x_train, d.y_train, int(m.num_classes),
+                                    sm.ScoreModelConfig(steps=300, batch_size=256), jax.random.key(1))
+    s = 0.3
+    x = d.x_test + s * jax.random.normal(jax.random.key(5), d.x_test.shape)
+    cb = float(jnp.mean(sm.cosine(sm.classifier_bayes_gradient(clf, x, s, d.y_test), m.bayes_gradient(x, d.y_test, s))))
+    assert cb >= 0.7, cb
