@@ -78,12 +78,13 @@ def test_digits_sweep_with_the_score_model_and_the_paper_protocol(tmp_path):
         methods=("noise",), strengths={"noise": (0.0, 1.0)}, seeds=(0,), dataset="digits", dataset_kwargs={},
         n_train=256, n_test=32, model="mlp:width=32", steps=20, batch_size=64, steps_per_call=20, checkpoint_every=20,
         learned=LearnedConfig(ae_latent=6, ae_hidden=(32,), ae_steps=20, score_backend="score_model",
-                              sm_channels=(8, 16), sm_steps=10),
+                              sm_channels=(8, 16), sm_steps=10, sm_bayes="classifier"),
         measure=measure.MeasureConfig(num_eval=16, num_directions=1, lpips=False, grid_images=3, alignment="paper"),
     )
     logs = []
     summaries = run_sweep(cfg, str(tmp_path), progress=False, log=logs.append)
     assert any(line.startswith("score model: trained") for line in logs)
+    assert "score model: learned Bayes gradient from a noise-conditional classifier" in logs
     with open(os.path.join(tmp_path, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     assert all(np.isfinite(float(r["paper_score_cosine"])) for r in rows)
