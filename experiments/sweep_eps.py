@@ -114,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ae-latent", type=int, default=None, help="real data: autoencoder latents = tangent dimension (default 8 for digits, else 128)")
     p.add_argument("--ae-steps", type=int, default=2000, help="real data: autoencoder training steps")
     p.add_argument("--denoiser-steps", type=int, default=2000, help="real data: denoiser (learned score) training steps")
+    p.add_argument("--score-backend", default="denoiser", choices=("denoiser", "score_model"),
+                   help="real data: learned score from the denoiser or the EDM score model (U-Net, pagjax.score_model)")
+    p.add_argument("--score-model-steps", type=int, default=2000, help="real data: score model training steps")
     p.add_argument("--normal-offset", type=float, default=0.2, help="size of the class-informative off-manifold feature of the linear data")
     p.add_argument("--model", default="mlp:width=256", help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; digits: 600)")
@@ -134,6 +137,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regime-eps", type=float, default=1.0, help="which eps drives the regime labels")
     p.add_argument("--align-noise", type=float, default=0.3, help="noise level of the score / Bayes gradient used for alignment")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS alignment (faster)")
+    p.add_argument("--alignment", default="default", choices=("default", "paper"),
+                   help="alignment protocol of the figure and summary: default (grad log p(y|x) vs Bayes gradient) or "
+                        "paper (1 - LPIPS between grad of the logit sum and the unconditional score at sigma 0.5); "
+                        "results.csv holds both")
     p.add_argument("--robust-eps", type=float, default=None, help="also measure PGD robust accuracy at this L2 radius")
     p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded. They round differently, so "
                         "the resolved strategy is recorded and a resume must use the same")
@@ -168,7 +175,7 @@ def config_from_args(args: argparse.Namespace):
         optimizer = dataclasses.replace(PAPER_SGD, name=args.optimizer,
                                         learning_rate=PAPER_SGD.learning_rate if args.lr is None else args.lr)
     measure = MeasureConfig(eps=_floats(args.eps, "--eps"), regime_eps=args.regime_eps, align_noise=args.align_noise,
-                            lpips=not args.no_lpips, pgd_eps=args.robust_eps)
+                            lpips=not args.no_lpips, pgd_eps=args.robust_eps, alignment=args.alignment)
     steps = args.steps if args.steps is not None else (600 if args.dataset == "digits" else 1000)
     extra = {}
     if real:
@@ -176,7 +183,8 @@ def config_from_args(args: argparse.Namespace):
         conv = args.dataset != "digits"
         extra = dict(dataset_kwargs={}, image_size=args.image_size, data_dir=args.data_dir, download=args.download,
                      learned=LearnedConfig(ae_latent=latent, ae_steps=args.ae_steps, den_steps=args.denoiser_steps,
-                                           ae_arch="conv" if conv else "mlp", den_arch="conv" if conv else "mlp"))
+                                           ae_arch="conv" if conv else "mlp", den_arch="conv" if conv else "mlp",
+                                           score_backend=args.score_backend, sm_steps=args.score_model_steps))
     else:
         extra = dict(dataset_kwargs={"normal_offset": args.normal_offset})
     if args.n_train is not None:

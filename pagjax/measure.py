@@ -21,7 +21,15 @@ against it:
   instead: ``score_maps`` (a learned class-conditional score, giving ``score_cosine``) and
   ``learned_bayes_maps`` (a learned Bayes gradient, giving ``learned_bayes_cosine`` and the
   LPIPS alignment); ``bayes_cosine`` and ``bayes_accuracy`` then stay empty;
-* optionally ``robust_accuracy`` under L2 PGD of radius ``pgd_eps``.
+* optionally ``robust_accuracy`` under L2 PGD of radius ``pgd_eps``;
+* the paper's protocol (Srinivas et al. 2023, §5), where ``paper_score_maps`` (the
+  *unconditional* score grad log p_s(x) at ``paper_noise`` = 0.5: exact on a known manifold,
+  learned on real images) are available: ``paper_lpips_alignment`` = 1 - LPIPS (AlexNet,
+  both maps scaled by their max |value|) between the input-gradient of the *sum of the
+  logits* and that score, and ``paper_score_cosine`` their cosine. The project's default
+  (``lpips_alignment``, ``bayes_cosine``) compares the gradient of log p(y|x) with the Bayes
+  gradient instead; the two can disagree because the pull towards the data manifold is in
+  the score, not in any classifier's gradient.
 """
 from __future__ import annotations
 
@@ -36,6 +44,9 @@ from pagjax import alignment, attacks, gradients, robustness, validation
 from pagjax.objectives import cross_entropy
 
 Array = jax.Array
+# "default": grad log p(y|x) vs the Bayes gradient (exact, or learned on real images);
+# "paper": 1 - LPIPS between grad of the logit sum and the unconditional score at paper_noise
+ALIGNMENT_PROTOCOLS = ("default", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +64,8 @@ class MeasureConfig:
     pgd_eps: float | None = None
     pgd_steps: int = 10
     grid_images: int = 6
+    paper_noise: float = 0.5  # the paper protocol's noise level (EDM sigma)
+    alignment: str = "default"  # the figure's/summary's alignment protocol: "default" or "paper"
 
     def validate(self):
         if not self.eps:
@@ -67,6 +80,8 @@ class MeasureConfig:
         validation.check_choice("target", self.target, gradients.TARGETS)
         validation.check_positive_int("lpips_images", self.lpips_images)
         validation.check_positive_int("grid_images", self.grid_images)
+        validation.check_positive("paper_noise", self.paper_noise)
+        validation.check_choice("alignment", self.alignment, ALIGNMENT_PROTOCOLS)
         if self.pgd_eps is not None:
             validation.check_positive("pgd_eps", self.pgd_eps)
 
@@ -87,24 +102,30 @@ class EvalSet:
     lpips_net: Any = None
     bayes_fraction: float | None = None  # on-manifold fraction of the exact Bayes gradient
     learned_bayes_maps: Array | None = None  # real data: a learned Bayes gradient (not exact)
+    paper_score_maps: Array | None = None  # unconditional score at paper_noise (the paper's reference)
 
 
 def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *, manifold=None, z_test=None,
-                     basis=None, key=None, score_maps=None, learned_bayes_maps=None) -> EvalSet:
+                     basis=None, key=None, score_maps=None, learned_bayes_maps=None,
+                     paper_score_maps=None) -> EvalSet:
     """Prepare the evaluation set once. With a known `manifold` the tangent basis, the
     exact score and Bayes maps and the Bayes-optimal accuracy come from it; otherwise pass a
     learned `basis` (or None to skip the manifold measurements) and optionally learned
-    ``score_maps`` / ``learned_bayes_maps`` for the first ``num_eval`` test images."""
+    ``score_maps`` / ``learned_bayes_maps`` / ``paper_score_maps`` (a learned unconditional
+    score at ``paper_noise``, for the paper's protocol) for the first ``num_eval`` test images."""
     config.validate()
     n = min(config.num_eval, x_test.shape[0])
     x, y = jnp.asarray(x_test[:n]), jnp.asarray(y_test[:n])
-    for name, maps in (("score_maps", score_maps), ("learned_bayes_maps", learned_bayes_maps)):
+    for name, maps in (("score_maps", score_maps), ("learned_bayes_maps", learned_bayes_maps),
+                       ("paper_score_maps", paper_score_maps)):
         if maps is not None and tuple(maps.shape) != tuple(x.shape):
             raise ValueError(f"{name} must have the eval images' shape {tuple(x.shape)}, got {tuple(maps.shape)}")
-    if manifold is not None and (score_maps is not None or learned_bayes_maps is not None):
+    if manifold is not None and (score_maps is not None or learned_bayes_maps is not None
+                                 or paper_score_maps is not None):
         raise ValueError("pass either manifold (exact maps) or learned score_maps / learned_bayes_maps, not both")
     score_maps = None if score_maps is None else jnp.asarray(score_maps)
     learned_bayes_maps = None if learned_bayes_maps is None else jnp.asarray(learned_bayes_maps)
+    paper_score_maps = None if paper_score_maps is None else jnp.asarray(paper_score_maps)
     bayes_maps = bayes_acc = None
     if manifold is not None:
         if basis is None:
@@ -114,10 +135,11 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
         s = config.align_noise
         score_maps = manifold.class_score(x, y, s)
         bayes_maps = manifold.bayes_gradient(x, y, s)
+        paper_score_maps = manifold.score(x, config.paper_noise)
         key = key if key is not None else jax.random.key(0)
         bayes_acc = float(manifold.bayes_accuracy(key, 0.0))
     lpips_net = None
-    if config.lpips and (bayes_maps is not None or learned_bayes_maps is not None):
+    if config.lpips and (bayes_maps is not None or learned_bayes_maps is not None or paper_score_maps is not None):
         from pagjax import lpips as lpips_lib
 
         lpips_net = lpips_lib.load_lpips("alexnet")
@@ -125,7 +147,7 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
     if bayes_maps is not None and basis is not None:
         bayes_frac = float(jnp.mean(robustness.gradient_on_manifold_fraction(bayes_maps, basis)[0]))
     return EvalSet(jnp.asarray(x_test), jnp.asarray(y_test), x, y, basis, score_maps, bayes_maps, bayes_acc,
-                   num_classes, lpips_net, bayes_frac, learned_bayes_maps)
+                   num_classes, lpips_net, bayes_frac, learned_bayes_maps, paper_score_maps)
 
 
 def accuracy(apply_fn, variables, x, y, batch_size: int = 1024) -> float:
@@ -182,6 +204,16 @@ def measure_model(apply_fn, variables, evalset: EvalSet, config: MeasureConfig, 
         b = alignment.normalize_maps(reference[:m], "max_abs")
         row["lpips_alignment"] = float(jnp.mean(
             alignment.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
+    if evalset.paper_score_maps is not None:
+        # the paper's protocol: gradient of the sum of the logits vs the unconditional score
+        paper_grads = gradients.input_gradients(apply_fn, variables, x, None, target="logit_sum")
+        row["paper_score_cosine"] = float(jnp.mean(alignment.cosine_similarity(paper_grads, evalset.paper_score_maps)))
+        if evalset.lpips_net is not None:
+            m = config.lpips_images
+            a = alignment.normalize_maps(paper_grads[:m], "max_abs")
+            b = alignment.normalize_maps(evalset.paper_score_maps[:m], "max_abs")
+            row["paper_lpips_alignment"] = float(jnp.mean(
+                alignment.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
     if config.pgd_eps is not None:
         row["robust_accuracy"] = robust_accuracy(apply_fn, variables, x, y, config.pgd_eps, config.pgd_steps, k_pgd)
     return row, np.asarray(grads[: config.grid_images])
