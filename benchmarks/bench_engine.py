@@ -5,17 +5,18 @@ the same architecture's PyTorch step. This benchmark measures exactly that, in o
 with the two engines interleaved (so background load hits both alike):
 
 * **ae** -- the sweep's autoencoder: `pagjax.autoencoder.make_autoencoder` with
-  ``arch="conv"``, features (32, 64), latent 128, on 28x28x1 (MNIST), batch 128, Adam, MSE;
-  plus JAX variants of its decoder's upsampling (the transposed convolutions were the
-  suspect) and of its layout, and the PyTorch transcription of each architecture:
+  ``arch="conv"``, features (32, 64), latent 128, on 28x28x1 (MNIST), batch 128, Adam, MSE,
+  with each of its decoder's upsamplings (``upsample``: the transposed convolutions were
+  the suspect) and one more, a layout variant, and the PyTorch transcription of each:
 
   ===========  ==================================================================
   upsample     each decoder stage (h, w, c) -> (2h, 2w, f)
   ===========  ==================================================================
-  transpose    3x3 transposed convolution, stride 2, 'SAME' (pagjax's default)
-  nearest      nearest-neighbour 2x resize, then a 3x3 convolution
+  transpose    3x3 transposed convolution, stride 2, 'SAME' (pagjax's original decoder)
+  nearest      nearest-neighbour 2x resize, then a 3x3 convolution (pagjax's default)
   bilinear     bilinear 2x resize, then a 3x3 convolution
   subpixel     3x3 convolution to 4f channels at (h, w), then depth-to-space
+               (defined here only)
   ===========  ==================================================================
 
   ``jax-nchw`` is the transpose architecture written directly with `lax` convolutions in
@@ -82,29 +83,28 @@ def torch_or_none():
 
 
 def _jax_ae_variant(cfg: dict, upsample: str):
-    """A flax autoencoder: pagjax's own for "transpose", else the same with another decoder."""
+    """A flax autoencoder: pagjax's own for its `UPSAMPLES`, else the same with another decoder."""
     import flax.linen as nn
-    import jax
 
     from pagjax import autoencoder as ae_lib
 
     image, latent, features = tuple(cfg["image"]), cfg["latent"], tuple(cfg["features"])
-    if upsample == "transpose":
-        return ae_lib.make_autoencoder(image, latent, arch="conv", features=features)
+    if upsample in ae_lib.UPSAMPLES:
+        return ae_lib.make_autoencoder(image, latent, arch="conv", features=features, upsample=upsample)
+
+    if upsample != "subpixel":
+        raise ValueError(f"unknown autoencoder variant {upsample!r}")
 
     class Up(nn.Module):
-        """(n, h, w, c) -> (n, 2h, 2w, f), see the module docstring."""
+        """Sub-pixel upsampling: (n, h, w, c) -> conv -> (n, h, w, 4f) -> (n, 2h, 2w, f)."""
 
         f: int
 
         @nn.compact
         def __call__(self, h):
-            n, hh, ww, c = h.shape
-            if upsample == "subpixel":
-                h = nn.Conv(4 * self.f, (3, 3))(h).reshape(n, hh, ww, 2, 2, self.f)
-                return h.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * hh, 2 * ww, self.f)
-            h = jax.image.resize(h, (n, 2 * hh, 2 * ww, c), method=upsample)
-            return nn.Conv(self.f, (3, 3))(h)
+            n, hh, ww, _ = h.shape
+            h = nn.Conv(4 * self.f, (3, 3))(h).reshape(n, hh, ww, 2, 2, self.f)
+            return h.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * hh, 2 * ww, self.f)
 
     class Decoder(nn.Module):
         @nn.compact
@@ -240,6 +240,7 @@ def jax_den_step(cfg: dict):
 def _jax_runner(step, params, opt_state, x):
     import jax
 
+    n_params = sum(int(a.size) for a in jax.tree.leaves(params))
     state = [params, opt_state, None]
 
     def run():
@@ -250,7 +251,7 @@ def _jax_runner(step, params, opt_state, x):
         jax.block_until_ready(state[2])
         return float(state[2])
 
-    return run, sync
+    return run, sync, n_params
 
 
 # --------------------------------------------------------------------------- PyTorch transcriptions
@@ -305,7 +306,7 @@ def torch_ae_step(torch, cfg: dict, variant: str):
     model = AE()
     x = torch.rand(cfg["batch"], ch, hgt, wid)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return _torch_runner(opt, lambda: F.mse_loss(model(x), x))
+    return _torch_runner(model, opt, lambda: F.mse_loss(model(x), x))
 
 
 def torch_den_step(torch, cfg: dict):
@@ -359,10 +360,10 @@ def torch_den_step(torch, cfg: dict):
         return (weight * (d - x).square().mean((1, 2, 3))).mean()
 
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    return _torch_runner(opt, loss)
+    return _torch_runner(net, opt, loss)
 
 
-def _torch_runner(opt, loss_fn):
+def _torch_runner(model, opt, loss_fn):
     last = [None]
 
     def run():
@@ -373,7 +374,7 @@ def _torch_runner(opt, loss_fn):
         last[0] = loss
         return loss
 
-    return run, lambda: float(last[0].detach())
+    return run, lambda: float(last[0].detach()), sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- timing
@@ -382,11 +383,11 @@ def _torch_runner(opt, loss_fn):
 def interleaved(candidates: dict, steps: int, repeats: int, baseline: str) -> dict:
     """Time every candidate's step in turn, `repeats` times; per-step medians and ratios.
 
-    ``candidates`` maps a name to ``(run, sync)``. Each is warmed up (compiled) first.
+    ``candidates`` maps a name to ``(run, sync, n_params)``. Each is warmed up (compiled) first.
     Ratios are per repeat against `baseline` timed in the same repeat, then the median.
     """
     compile_s = {}
-    for name, (run, sync) in candidates.items():
+    for name, (run, sync, _) in candidates.items():
         t0 = time.perf_counter()
         run()
         sync()
@@ -395,7 +396,7 @@ def interleaved(candidates: dict, steps: int, repeats: int, baseline: str) -> di
         compile_s[name] = time.perf_counter() - t0
     times = {name: [] for name in candidates}
     for _ in range(repeats):
-        for name, (run, sync) in candidates.items():
+        for name, (run, sync, _) in candidates.items():
             t0 = time.perf_counter()
             for _ in range(steps):
                 run()
@@ -404,7 +405,8 @@ def interleaved(candidates: dict, steps: int, repeats: int, baseline: str) -> di
     out = {}
     for name, ts in times.items():
         row = {"name": name, "step_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
-               "times_s": ts, "warmup_s": compile_s[name], "loss": candidates[name][1]()}
+               "times_s": ts, "warmup_s": compile_s[name], "loss": candidates[name][1](),
+               "params": candidates[name][2]}
         if baseline in times:
             row["ratio"] = statistics.median(t / b for t, b in zip(ts, times[baseline]))
         out[name] = row
@@ -472,15 +474,15 @@ def print_table(res: dict) -> None:
     print(f"XLA_FLAGS={res['xla_flags']!r}; median over {res['repeats']} repeats of {res['steps_per_repeat']} "
           f"steps, engines interleaved")
     c = res["sizes"]
-    headers = ["model", "engine:variant", "step ms", "min ms", "max ms", "ratio", "vs same arch", "loss"]
+    headers = ["model", "engine:variant", "params", "step ms", "min ms", "max ms", "ratio", "vs same arch", "loss"]
     rows = []
     if "ae" in res:
         for name, r in res["ae"].items():
-            rows.append([f"ae B{c['batch']}", name, r["step_s"] * 1e3, r["min_s"] * 1e3, r["max_s"] * 1e3,
+            rows.append([f"ae B{c['batch']}", name, r["params"], r["step_s"] * 1e3, r["min_s"] * 1e3, r["max_s"] * 1e3,
                          r.get("ratio"), r.get("ratio_same_arch"), r["loss"]])
     if "den" in res:
         for name, r in res["den"].items():
-            rows.append([f"den B{c['den_batch']} w{c['den_width']}", name, r["step_s"] * 1e3, r["min_s"] * 1e3,
+            rows.append([f"den B{c['den_batch']} w{c['den_width']}", name, r["params"], r["step_s"] * 1e3, r["min_s"] * 1e3,
                          r["max_s"] * 1e3, r.get("ratio"), None, r["loss"]])
     print(common.format_table(headers, rows))
     print(f"ratio = step time / {res.get('ae_baseline', BASELINE)} (ae) or the PyTorch denoiser (den), "

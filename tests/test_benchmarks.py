@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks import bench_manifold, bench_step, bench_sweep, common, run_all
+from benchmarks import bench_engine, bench_manifold, bench_step, bench_sweep, common, run_all
 
 TINY_STEP = {
     "mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=3),
@@ -86,3 +86,31 @@ def test_manifold_benchmark_naive_and_batched_compute_the_same_thing():
     for r in res["results"].values():
         assert r["batched_images_per_s"] > 0 and r["naive_images_per_s"] > 0
         np.testing.assert_allclose(r["speedup"], r["batched_images_per_s"] / r["naive_images_per_s"], rtol=1e-9)
+
+
+def test_engine_benchmark_rows_are_sane(tmp_path):
+    # JAX only (CI has no torch): every autoencoder variant and the denoiser, at tiny sizes
+    res = bench_engine.run(("ae", "den"), bench_engine.AE_VARIANTS, sizes=bench_engine.TINY, repeats=1,
+                           use_torch=False)
+    assert res["torch"] is None and res["ae_baseline"] == "jax:transpose"
+    assert set(res["ae"]) == {f"jax:{v}" for v in bench_engine.AE_VARIANTS} and set(res["den"]) == {"jax:den"}
+    for r in [*res["ae"].values(), *res["den"].values()]:
+        assert r["step_s"] > 0 and r["min_s"] <= r["step_s"] <= r["max_s"] and math.isfinite(r["loss"])
+        assert r["params"] > 0 and r["ratio"] > 0
+    assert res["ae"]["jax:transpose"]["ratio"] == 1
+    # the raw-lax NCHW transcription has the same parameters as pagjax's autoencoder
+    assert res["ae"]["jax:nchw"]["params"] == res["ae"]["jax:transpose"]["params"]
+    path = common.write_json(str(tmp_path / "engine.json"), res)
+    assert set(json.load(open(path))["ae"]) == set(res["ae"])
+
+
+def test_engine_benchmark_torch_transcriptions_match_the_jax_models():
+    pytest.importorskip("torch")
+    res = bench_engine.run(("ae", "den"), ("transpose", "subpixel"), sizes=bench_engine.TINY, repeats=1)
+    ae, den = res["ae"], res["den"]
+    assert res["ae_baseline"] == bench_engine.BASELINE and ae[bench_engine.BASELINE]["ratio"] == 1
+    # same architecture, same parameter count: the transcriptions are layer for layer
+    for v in ("transpose", "subpixel"):
+        assert ae[f"jax:{v}"]["params"] == ae[f"torch:{v}"]["params"]
+        assert ae[f"jax:{v}"]["ratio_same_arch"] > 0
+    assert den["jax:den"]["params"] == den["torch:den"]["params"] and den["jax:den"]["ratio"] > 0
