@@ -186,10 +186,10 @@ def jax_ae_step(cfg: dict, variant: str):
     if variant == "nchw":
         init, apply = _nchw_ae(cfg)
         x = jnp.transpose(x, (0, 3, 1, 2))
-        params = init(jax.random.key(0))
+        params = jax.jit(init)(jax.random.key(0))
     else:
         model = _jax_ae_variant(cfg, variant)
-        params = model.init(jax.random.key(0), x[:1])
+        params = jax.jit(model.init)(jax.random.key(0), x[:1])  # one compilation, not one per op
         apply = model.apply
     tx = optax.adam(1e-3)
 
@@ -199,7 +199,7 @@ def jax_ae_step(cfg: dict, variant: str):
         upd, o = tx.update(g, o, p)
         return optax.apply_updates(p, upd), o, loss
 
-    return _jax_runner(step, params, tx.init(params), x)
+    return _jax_runner(step, params, jax.jit(tx.init)(params), x)
 
 
 def jax_den_step(cfg: dict):
@@ -219,7 +219,7 @@ def jax_den_step(cfg: dict):
     noise = jax.random.normal(kn, x.shape)
     net = scores.DenoiserNet(image_shape=(hgt, wid, ch), width=cfg["den_width"], depth=cfg["den_depth"],
                              arch="conv", num_classes=k)
-    params = net.init(jax.random.key(0), x[:1], jnp.zeros((1,)), y[:1])["params"]
+    params = jax.jit(net.init)(jax.random.key(0), x[:1], jnp.zeros((1,)), y[:1])["params"]
     mean, sd = jnp.mean(x, axis=0), 0.5
     tx = optax.adam(1e-3)
 
@@ -234,7 +234,7 @@ def jax_den_step(cfg: dict):
         upd, o = tx.update(g, o, p)
         return optax.apply_updates(p, upd), o, loss
 
-    return _jax_runner(step, params, tx.init(params), None)
+    return _jax_runner(step, params, jax.jit(tx.init)(params), None)
 
 
 def _jax_runner(step, params, opt_state, x):
