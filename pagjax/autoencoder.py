@@ -30,14 +30,14 @@ from pagjax import geometry, validation
 
 Array = jax.Array
 ARCHS = ("mlp", "conv")
-# How the conv decoder doubles the resolution at each stage. "nearest"/"bilinear": resize,
-# then a 3x3 convolution (same parameters as the transposed one). The default is "nearest":
-# XLA:CPU runs the stride-2 transposed convolution (a convolution of a 2x-dilated input)
-# several times slower than PyTorch does, and resize + conv about 6x faster than it
-# (benchmarks/bench_engine.py, README "Benchmarks"); it also avoids the transposed
-# convolution's checkerboard pattern. "transpose" is the original decoder (checkpoints
-# saved without the field load as "transpose").
-UPSAMPLES = ("nearest", "bilinear", "transpose")
+# How the conv decoder doubles the resolution at each stage. "transpose": a stride-2
+# transposed convolution (the default, and what checkpoints saved without the field hold).
+# "nearest"/"bilinear": a 2x resize, then a 3x3 convolution with the same parameters. On
+# XLA:CPU a training step dispatched from Python is about 6x faster with resize + conv
+# (the transposed convolution is a convolution of a 2x-dilated input, which XLA:CPU runs
+# slowly), but inside a `lax.scan` training loop it was slower (README "Benchmarks",
+# benchmarks/bench_engine.py): choose "nearest" where the steps are looped on the host.
+UPSAMPLES = ("transpose", "nearest", "bilinear")
 
 
 class Encoder(nn.Module):
@@ -70,7 +70,7 @@ class Decoder(nn.Module):
     arch: str = "mlp"
     hidden: tuple[int, ...] = (256,)
     features: tuple[int, ...] = (32, 64)
-    upsample: str = "nearest"
+    upsample: str = "transpose"
 
     @nn.compact
     def __call__(self, z):
@@ -111,7 +111,7 @@ class Autoencoder(nn.Module):
     arch: str = "mlp"
     hidden: tuple[int, ...] = (256,)
     features: tuple[int, ...] = (32, 64)
-    upsample: str = "nearest"
+    upsample: str = "transpose"
 
     def setup(self):
         self.encoder = Encoder(self.latent_dim, self.arch, self.hidden, self.features)
@@ -137,7 +137,7 @@ class TrainedAutoencoder(NamedTuple):
     losses: Array
 
 
-def _check_model_config(image_shape, latent_dim, arch, features, upsample="nearest"):
+def _check_model_config(image_shape, latent_dim, arch, features, upsample="transpose"):
     validation.check_positive_int("latent_dim", latent_dim)
     validation.check_choice("arch", arch, ARCHS)
     validation.check_choice("upsample", upsample, UPSAMPLES)
@@ -154,7 +154,7 @@ def _check_model_config(image_shape, latent_dim, arch, features, upsample="neare
 
 def make_autoencoder(image_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
                      hidden: Sequence[int] = (256,), features: Sequence[int] = (32, 64),
-                     upsample: str = "nearest") -> Autoencoder:
+                     upsample: str = "transpose") -> Autoencoder:
     """An `Autoencoder` for examples of ``image_shape``, with argument checks."""
     _check_model_config(tuple(image_shape), latent_dim, arch, tuple(features), upsample)
     return Autoencoder(tuple(int(s) for s in image_shape), int(latent_dim), arch,

@@ -86,7 +86,7 @@ def test_conv_decoder_upsamplings_share_shapes_and_old_checkpoints_load_as_trans
         counts[up] = sum(a.size for a in jax.tree.leaves(params))
     # resize + conv has exactly the transposed convolution's parameters
     assert len(set(counts.values())) == 1
-    assert ae_lib.make_autoencoder((8, 8, 1), 3, arch="conv").upsample == "nearest"
+    assert ae_lib.make_autoencoder((8, 8, 1), 3, arch="conv").upsample == "transpose"
     with pytest.raises(ValueError, match="upsample"):
         ae_lib.make_autoencoder((8, 8, 1), 3, arch="conv", upsample="cubic")
     # checkpoints written before the option existed hold a transposed-conv decoder
