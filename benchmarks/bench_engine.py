@@ -12,8 +12,8 @@ with the two engines interleaved (so background load hits both alike):
   ===========  ==================================================================
   upsample     each decoder stage (h, w, c) -> (2h, 2w, f)
   ===========  ==================================================================
-  transpose    3x3 transposed convolution, stride 2, 'SAME' (pagjax's original decoder)
-  nearest      nearest-neighbour 2x resize, then a 3x3 convolution (pagjax's default)
+  transpose    3x3 transposed convolution, stride 2, 'SAME' (pagjax's default)
+  nearest      nearest-neighbour 2x resize, then a 3x3 convolution
   bilinear     bilinear 2x resize, then a 3x3 convolution
   subpixel     3x3 convolution to 4f channels at (h, w), then depth-to-space
                (defined here only)
