@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process, and write their JSON files.
 
-    python -m benchmarks.run_all [--quick] [--only step,sweep,manifold] [--fake-devices N]
+    python -m benchmarks.run_all [--quick] [--only step,sweep,manifold,engine] [--fake-devices N]
 
 Each benchmark runs as ``python -m benchmarks.<name>`` in a fresh process (so
 ``--fake-devices`` only affects the sweep benchmark, and one benchmark's memory cannot
@@ -17,7 +17,7 @@ import time
 
 from benchmarks import common
 
-BENCHMARKS = ("step", "sweep", "manifold")
+BENCHMARKS = ("step", "sweep", "manifold", "engine")
 
 
 def command(name: str, quick: bool, fake_devices: int | None) -> list[str]:

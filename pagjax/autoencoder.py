@@ -30,6 +30,14 @@ from pagjax import engine, geometry, validation
 
 Array = jax.Array
 ARCHS = ("mlp", "conv")
+# How the conv decoder doubles the resolution at each stage. "transpose": a stride-2
+# transposed convolution (the default, and what checkpoints saved without the field hold).
+# "nearest"/"bilinear": a 2x resize, then a 3x3 convolution with the same parameters. On
+# XLA:CPU a training step dispatched from Python is about 6x faster with resize + conv
+# (the transposed convolution is a convolution of a 2x-dilated input, which XLA:CPU runs
+# slowly), but inside a `lax.scan` training loop it was slower (README "Benchmarks",
+# benchmarks/bench_engine.py): choose "nearest" where the steps are looped on the host.
+UPSAMPLES = ("transpose", "nearest", "bilinear")
 
 
 class Encoder(nn.Module):
@@ -62,6 +70,7 @@ class Decoder(nn.Module):
     arch: str = "mlp"
     hidden: tuple[int, ...] = (256,)
     features: tuple[int, ...] = (32, 64)
+    upsample: str = "transpose"
 
     @nn.compact
     def __call__(self, z):
@@ -72,7 +81,12 @@ class Decoder(nn.Module):
             h = nn.gelu(nn.Dense((hgt // s) * (wid // s) * self.features[-1])(z))
             h = h.reshape((n, hgt // s, wid // s, self.features[-1]))
             for f in reversed(self.features):
-                h = nn.gelu(nn.ConvTranspose(f, (3, 3), strides=(2, 2))(h))
+                if self.upsample == "transpose":
+                    h = nn.ConvTranspose(f, (3, 3), strides=(2, 2))(h)
+                else:
+                    b, hh, ww, c = h.shape
+                    h = nn.Conv(f, (3, 3))(jax.image.resize(h, (b, 2 * hh, 2 * ww, c), self.upsample))
+                h = nn.gelu(h)
             return nn.Conv(ch, (3, 3))(h)
         h = z
         for width in reversed(self.hidden):
@@ -89,6 +103,7 @@ class Autoencoder(nn.Module):
       latent_dim: code size (the paper: 128 on CIFAR-10).
       arch: ``"mlp"`` or ``"conv"`` (NHWC with H, W divisible by 2**len(features)).
       hidden: MLP widths; features: conv channels per stride-2 stage.
+      upsample: the conv decoder's 2x upsampling, one of `UPSAMPLES` (see there).
     """
 
     image_shape: tuple[int, ...]
@@ -96,10 +111,11 @@ class Autoencoder(nn.Module):
     arch: str = "mlp"
     hidden: tuple[int, ...] = (256,)
     features: tuple[int, ...] = (32, 64)
+    upsample: str = "transpose"
 
     def setup(self):
         self.encoder = Encoder(self.latent_dim, self.arch, self.hidden, self.features)
-        self.decoder = Decoder(tuple(self.image_shape), self.arch, self.hidden, self.features)
+        self.decoder = Decoder(tuple(self.image_shape), self.arch, self.hidden, self.features, self.upsample)
 
     def encode(self, x):
         """Code of each example (n, latent_dim)."""
@@ -122,9 +138,10 @@ class TrainedAutoencoder(NamedTuple):
     steps_logged: Any = None  # the step of each entry of ``losses``
 
 
-def _check_model_config(image_shape, latent_dim, arch, features):
+def _check_model_config(image_shape, latent_dim, arch, features, upsample="transpose"):
     validation.check_positive_int("latent_dim", latent_dim)
     validation.check_choice("arch", arch, ARCHS)
+    validation.check_choice("upsample", upsample, UPSAMPLES)
     if arch == "conv":
         if len(image_shape) != 3:
             raise ValueError(f"arch='conv' needs NHWC images, got example shape {tuple(image_shape)}")
@@ -137,11 +154,12 @@ def _check_model_config(image_shape, latent_dim, arch, features):
 
 
 def make_autoencoder(image_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
-                     hidden: Sequence[int] = (256,), features: Sequence[int] = (32, 64)) -> Autoencoder:
+                     hidden: Sequence[int] = (256,), features: Sequence[int] = (32, 64),
+                     upsample: str = "transpose") -> Autoencoder:
     """An `Autoencoder` for examples of ``image_shape``, with argument checks."""
-    _check_model_config(tuple(image_shape), latent_dim, arch, tuple(features))
+    _check_model_config(tuple(image_shape), latent_dim, arch, tuple(features), upsample)
     return Autoencoder(tuple(int(s) for s in image_shape), int(latent_dim), arch,
-                       tuple(int(h) for h in hidden), tuple(int(f) for f in features))
+                       tuple(int(h) for h in hidden), tuple(int(f) for f in features), upsample)
 
 
 def train_autoencoder(
@@ -265,7 +283,7 @@ def _learned_basis(model, params, x, rank_tol, method, direction_chunk, example_
 
 def _config(model: Autoencoder) -> dict:
     return {"image_shape": list(model.image_shape), "latent_dim": model.latent_dim, "arch": model.arch,
-            "hidden": list(model.hidden), "features": list(model.features)}
+            "hidden": list(model.hidden), "features": list(model.features), "upsample": model.upsample}
 
 
 def save_autoencoder(path: str, ae: TrainedAutoencoder, *, extra: dict | None = None) -> None:
@@ -284,7 +302,8 @@ def load_autoencoder(path: str) -> TrainedAutoencoder:
     """Load an autoencoder saved by `save_autoencoder` (losses are not stored: empty)."""
     cfg = io_lib.read_checkpoint_config(path, "autoencoder")["model"]
     model = make_autoencoder(cfg["image_shape"], cfg["latent_dim"], arch=cfg["arch"],
-                             hidden=cfg["hidden"], features=cfg["features"])
+                             hidden=cfg["hidden"], features=cfg["features"],
+                             upsample=cfg.get("upsample", "transpose"))
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                               jnp.zeros((1,) + tuple(cfg["image_shape"]), jnp.float32))
     params = io_lib.restore_checkpoint_dir(path, "params", abstract)

@@ -1,4 +1,6 @@
 """Tests for pagjax.autoencoder: training, learned tangent spaces, orbax checkpoints."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,32 @@ def test_conv_autoencoder_tangent_basis_shape_and_orthonormality():
     np.testing.assert_array_equal(tb.rank, 5)
     gram = jnp.einsum("ndk,ndj->nkj", tb.basis, tb.basis)
     np.testing.assert_allclose(gram, jnp.broadcast_to(jnp.eye(5), gram.shape), atol=1e-4)
+
+
+def test_conv_decoder_upsamplings_share_shapes_and_old_checkpoints_load_as_transpose(tmp_path):
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 1))
+    counts = {}
+    for up in ae_lib.UPSAMPLES:
+        model = ae_lib.make_autoencoder((8, 8, 1), 3, arch="conv", features=(4, 8), upsample=up)
+        params = model.init(jax.random.PRNGKey(2), x)
+        assert model.apply(params, x).shape == x.shape
+        counts[up] = sum(a.size for a in jax.tree.leaves(params))
+    # resize + conv has exactly the transposed convolution's parameters
+    assert len(set(counts.values())) == 1
+    assert ae_lib.make_autoencoder((8, 8, 1), 3, arch="conv").upsample == "transpose"
+    with pytest.raises(ValueError, match="upsample"):
+        ae_lib.make_autoencoder((8, 8, 1), 3, arch="conv", upsample="cubic")
+    # checkpoints written before the option existed hold a transposed-conv decoder
+    model = ae_lib.make_autoencoder((8, 8, 1), 3, arch="conv", features=(4, 8), upsample="transpose")
+    ae = ae_lib.TrainedAutoencoder(model, model.init(jax.random.PRNGKey(2), x), jnp.zeros((0,)))
+    ae_lib.save_autoencoder(str(tmp_path), ae)
+    cfg_path = tmp_path / "config.json"
+    record = json.loads(cfg_path.read_text())
+    del record["model"]["upsample"]
+    cfg_path.write_text(json.dumps(record))
+    loaded = ae_lib.load_autoencoder(str(tmp_path))
+    assert loaded.model.upsample == "transpose"
+    np.testing.assert_allclose(loaded.model.apply(loaded.params, x), model.apply(ae.params, x), atol=1e-6)
 
 
 def test_autoencoder_bad_arguments():

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks import bench_manifold, bench_step, bench_sweep, common, run_all
+from benchmarks import bench_engine, bench_manifold, bench_step, bench_sweep, common, run_all
 
 TINY_STEP = {
     "mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=3),
@@ -86,3 +86,48 @@ def test_manifold_benchmark_naive_and_batched_compute_the_same_thing():
     for r in res["results"].values():
         assert r["batched_images_per_s"] > 0 and r["naive_images_per_s"] > 0
         np.testing.assert_allclose(r["speedup"], r["batched_images_per_s"] / r["naive_images_per_s"], rtol=1e-9)
+
+
+def test_engine_benchmark_rows_are_sane(tmp_path):
+    # JAX only (CI has no torch), at tiny sizes; the time is XLA's compilations (one init and
+    # one step per candidate), so one decoder variant here, the others built in the next test
+    res = bench_engine.run(("ae", "den"), ("nearest",), sizes=bench_engine.TINY, repeats=1, use_torch=False)
+    assert res["torch"] is None and res["ae_baseline"] == "jax:nearest"
+    assert set(res["ae"]) == {"jax:nearest"} and set(res["den"]) == {"jax:den"}
+    for r in [*res["ae"].values(), *res["den"].values()]:
+        assert r["step_s"] > 0 and r["min_s"] <= r["step_s"] <= r["max_s"] and math.isfinite(r["loss"])
+        assert r["params"] > 0 and r["ratio"] == 1
+    path = common.write_json(str(tmp_path / "engine.json"), res)
+    assert set(json.load(open(path))["ae"]) == set(res["ae"])
+
+
+def test_engine_benchmark_variants_build_without_compiling_a_step():
+    import jax
+
+    cfg = bench_engine.TINY
+    x = jax.ShapeDtypeStruct((2, *cfg["image"]), "float32")
+    ref = bench_engine._jax_ae_variant(cfg, "transpose")
+    n_ref = sum(a.size for a in jax.tree.leaves(jax.eval_shape(ref.init, jax.random.key(0), x)))
+    sub = bench_engine._jax_ae_variant(cfg, "subpixel")
+    p_sub = jax.eval_shape(sub.init, jax.random.key(0), x)
+    assert jax.eval_shape(sub.apply, p_sub, x).shape == x.shape
+    # the raw-lax NCHW transcription is pagjax's transpose architecture, parameter for parameter
+    init, apply = bench_engine._nchw_ae(cfg)
+    p = jax.eval_shape(init, jax.random.key(0))
+    assert sum(a.size for a in jax.tree.leaves(p)) == n_ref
+    x_nchw = jax.ShapeDtypeStruct((2, cfg["image"][2], *cfg["image"][:2]), "float32")
+    assert jax.eval_shape(apply, p, x_nchw).shape == x_nchw.shape
+    with pytest.raises(ValueError, match="unknown autoencoder variant"):
+        bench_engine._jax_ae_variant(cfg, "bogus")
+
+
+def test_engine_benchmark_torch_transcriptions_match_the_jax_models():
+    pytest.importorskip("torch")
+    res = bench_engine.run(("ae", "den"), ("transpose",), sizes=bench_engine.TINY, repeats=1)
+    ae, den = res["ae"], res["den"]
+    assert res["ae_baseline"] == bench_engine.BASELINE and ae[bench_engine.BASELINE]["ratio"] == 1
+    # same architecture, same parameter count: the transcriptions are layer for layer
+    for v in ("transpose",):
+        assert ae[f"jax:{v}"]["params"] == ae[f"torch:{v}"]["params"]
+        assert ae[f"jax:{v}"]["ratio_same_arch"] > 0
+    assert den["jax:den"]["params"] == den["torch:den"]["params"] and den["jax:den"]["ratio"] > 0
