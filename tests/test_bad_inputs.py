@@ -19,6 +19,11 @@ from pagjax import experiment, gradients, io, models, robustness, training, vali
 from pagjax.experiment import SweepConfig
 from pagjax.measure import MeasureConfig
 
+# "Before any work": an error must come before data is built or a model compiled, which
+# takes several seconds; the bound is that guard, with room for a loaded machine, not a
+# speed target.
+BEFORE_ANY_WORK_S = 5.0
+
 TINY_FLAGS = ["--steps", "4", "--n-train", "256", "--n-test", "64", "--seeds", "0", "--methods", "noise",
               "--strengths", "0.1", "--no-lpips", "--no-progress"]
 
@@ -143,7 +148,7 @@ def test_cli_bad_input_fails_fast_naming_the_flag(case, warm, tmp_path, capsys, 
     assert status == 2, err
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert elapsed < 1.0, f"{name} took {elapsed:.2f} s"
+    assert elapsed < BEFORE_ANY_WORK_S, f"{name} took {elapsed:.2f} s"
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -267,7 +272,7 @@ def test_api_bad_input_raises_naming_the_argument(case, warm_api):
     with pytest.raises((ValueError, OSError)) as e:
         call()
     assert message in str(e.value)
-    assert time.perf_counter() - t < 1.0, f"{name} took {time.perf_counter() - t:.2f} s"
+    assert time.perf_counter() - t < BEFORE_ANY_WORK_S, f"{name} took {time.perf_counter() - t:.2f} s"
 
 
 def test_run_sweep_into_a_file_fails_before_any_work(tmp_path):

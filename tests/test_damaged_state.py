@@ -21,6 +21,11 @@ from pagjax import experiment, io
 from pagjax.experiment import SettingsMismatchError, SweepConfig
 from pagjax.measure import MeasureConfig
 
+# "Before any work": an error must come before data is built or a model compiled, which
+# takes several seconds; the bound is that guard, with room for a loaded machine, not a
+# speed target.
+BEFORE_ANY_WORK_S = 5.0
+
 TREE = {"w": jnp.arange(64.0), "b": jnp.ones(3)}
 
 
@@ -132,7 +137,7 @@ def test_checkpoint_folder_that_becomes_unwritable_fails_at_once_naming_it(tmp_p
     t = time.perf_counter()
     with pytest.raises(OSError, match=folder):
         c.save(2, TREE)
-    assert time.perf_counter() - t < 2.0
+    assert time.perf_counter() - t < BEFORE_ANY_WORK_S
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -295,7 +300,7 @@ def test_bad_points_files_are_named(case, tmp_path):
     with pytest.raises(error) as e:
         experiment.load_points(TINY, "noise", str(tmp_path / "noise.json"), str(tmp_path / "noise_gradients.npz"), _Data)
     assert message in str(e.value)
-    assert time.perf_counter() - t < 1.0
+    assert time.perf_counter() - t < BEFORE_ANY_WORK_S
 
 
 def test_a_damaged_sweep_folder_is_repaired_with_the_same_numbers(tmp_path):
