@@ -184,6 +184,9 @@ def config_from_args(args: argparse.Namespace):
         extra = dict(dataset_kwargs={}, image_size=args.image_size, data_dir=args.data_dir, download=args.download,
                      learned=LearnedConfig(ae_latent=latent, ae_steps=args.ae_steps, den_steps=args.denoiser_steps,
                                            ae_arch="conv" if conv else "mlp", den_arch="conv" if conv else "mlp",
+                                           # a width-256 conv denoiser at full resolution was ~0.5 TFLOP
+                                           # per step at batch 32 (benchmarks.bench_engine): 16x fewer
+                                           den_width=64 if conv else 256,
                                            score_backend=args.score_backend, sm_steps=args.score_model_steps))
     else:
         extra = dict(dataset_kwargs={"normal_offset": args.normal_offset})

@@ -173,6 +173,7 @@ def train_autoencoder(
     arch: str = "mlp",
     hidden: Sequence[int] = (256,),
     features: Sequence[int] = (32, 64),
+    upsample: str = "transpose",
     log_every: int = 50,
     checkpointer=None,
     checkpoint_every: int | None = None,
@@ -186,7 +187,7 @@ def train_autoencoder(
 
     Args:
       x_train: (N, ...) float examples.
-      latent_dim, arch, hidden, features: the architecture (`make_autoencoder`).
+      latent_dim, arch, hidden, features, upsample: the architecture (`make_autoencoder`).
       steps, batch_size, learning_rate: the optimisation.
       key: PRNG key (initialisation and batch order).
       log_every: steps between entries of the returned loss curve.
@@ -200,7 +201,8 @@ def train_autoencoder(
     validation.check_positive_int("steps", steps)
     validation.check_positive_int("batch_size", batch_size)
     validation.check_positive("learning_rate", learning_rate)
-    model = make_autoencoder(x_train.shape[1:], latent_dim, arch=arch, hidden=hidden, features=features)
+    model = make_autoencoder(x_train.shape[1:], latent_dim, arch=arch, hidden=hidden, features=features,
+                             upsample=upsample)
     init_key, data_key = jax.random.split(key)
     params = model.init(init_key, x_train[:1])
     tx = optax.adam(learning_rate)
