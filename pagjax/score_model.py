@@ -314,18 +314,23 @@ def make_step_fn(config: ScoreModelConfig, image_shape, mean: Array, sigma_data:
             drop = jax.random.uniform(k_d, (n,)) < config.label_dropout
             yy = jnp.where(drop, config.num_classes, y.astype(jnp.int32))
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x0, yy, sigma, noise)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        t = state.step.astype(jnp.float32)
-        decay = jnp.minimum(config.ema_decay, (1.0 + t) / (10.0 + t))
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
-        finite = engine.all_finite((loss, grads))
-        new = TrainState(state.step + 1, params, ema, opt_state, state.key)
-        # a NaN/inf step leaves the weights as they were (only the counter moves on)
-        new = engine.skip_nonfinite(new, state.replace(step=state.step + 1), finite)
-        return new, {"loss": loss, "finite": finite}
+        return _adam_ema_update(state, loss, grads, tx, config.ema_decay)
 
     return step_fn, net, tx
+
+
+def _adam_ema_update(state: TrainState, loss, grads, tx, ema_decay: float):
+    """The optimizer step, then the EMA of the weights (warm-up decay (1+t)/(10+t) capped at
+    ``ema_decay``); a NaN/inf step leaves the weights as they were (only the counter moves on)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+    finite = engine.all_finite((loss, grads))
+    new = engine.skip_nonfinite(TrainState(state.step + 1, params, ema, opt_state, state.key),
+                                state.replace(step=state.step + 1), finite)
+    return new, {"loss": loss, "finite": finite}
 
 
 def data_statistics(x: Array) -> tuple[Array, float]:
@@ -662,15 +667,7 @@ def train_noise_classifier(x: Array, y: Array, num_classes: int, config: ScoreMo
             return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], 1))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        t = state.step.astype(jnp.float32)
-        decay = jnp.minimum(config.ema_decay, (1.0 + t) / (10.0 + t))
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
-        finite = engine.all_finite((loss, grads))
-        new = engine.skip_nonfinite(TrainState(state.step + 1, params, ema, opt_state, state.key),
-                                    state.replace(step=state.step + 1), finite)
-        return new, {"loss": loss, "finite": finite}
+        return _adam_ema_update(state, loss, grads, tx, config.ema_decay)
 
     k_init, k_data, k_train = jax.random.split(key, 3)
     params = net.init(k_init, x[:1], jnp.zeros((1,)))["params"]

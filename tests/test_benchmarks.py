@@ -11,7 +11,7 @@ from benchmarks import bench_engine, bench_manifold, bench_step, bench_sweep, co
 TINY_STEP = {
     "mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=3),
 }
-TINY_SWEEP = {"mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=2, steps=2)}
+TINY_SWEEP = {"mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=2, steps=2, n=64)}
 
 
 def test_pass_count_ideal_ratios():
