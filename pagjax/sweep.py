@@ -151,8 +151,7 @@ def train_models(
     train_lib.check_training_data(x_train, y_train, model.num_classes, batch_size)
     if strategy == "auto":
         strategy = choose_strategy(model, len(seeds))
-    if step_loop == "auto":
-        step_loop = choose_step_loop(model)
+    # step_loop "auto" is resolved by the engine from the traced step (any convolution)
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     if state is None:
         state = init_sweep_state(model, optimizer, strengths, seeds, x_train[:batch_size])
