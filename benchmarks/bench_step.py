@@ -44,12 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from pagjax import methods
 from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import training
 
-OBJECTIVES = ("ce", "gradnorm", "smoothness", "noise", "pgd")
-STRENGTH = {"ce": 0.0, "gradnorm": 0.1, "smoothness": 0.1, "noise": 0.1, "pgd": 0.5}
+# the strength each registered method trains at here (pagjax.methods)
+STRENGTH = methods.View(lambda m: m.bench_strength)
 
 # Realistic sizes: the project's default sweep (MLP on 16x16x1 known-manifold images) and
 # the paper's CIFAR-10 setting for the conv nets.
@@ -68,17 +69,17 @@ QUICK = {
 def ideal_ratio(objective: str, k: int) -> float:
     """Pass-count ideal cost of a step of `objective`, relative to a plain CE step.
 
-    See the module docstring for the counting (forward F, reverse pass 2x its graph).
+    See the module docstring for the counting (forward F, reverse pass 2x its graph); each
+    method's count is in its registry entry (`pagjax.methods.Method.ideal_ratio`).
     """
-    if objective in ("ce", "noise"):
-        return 1.0
-    if objective == "gradnorm":
-        return 3.0
-    if objective == "smoothness":
-        return 2.0
-    if objective == "pgd":
-        return float(k + 1)
-    raise ValueError(f"unknown objective {objective!r}")
+    return float(methods.get(objective, argument="objective").ideal_ratio(k))
+
+
+def __getattr__(name):
+    # the objective list is the registry's, read at each access
+    if name == "OBJECTIVES":
+        return methods.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _step_setup(model_name: str, cfg: dict, objective: str, k: int):
@@ -145,14 +146,18 @@ def measure_step(model_name: str, cfg: dict, objective: str, k: int, repeats: in
     return row
 
 
-def run(model_names=("mlp", "cnn", "resnet18"), objectives=OBJECTIVES, *, quick: bool = False, k: int = 10,
+def run(model_names=("mlp", "cnn", "resnet18"), objectives=None, *, quick: bool = False, k: int = 10,
         batch_size: int | None = None, width: int | None = None, repeats: int = 5, peak_n: int = 1024,
         sizes: dict | None = None) -> dict:
     """Run the step benchmark; returns the JSON-ready result (see module docstring).
 
-    `sizes` overrides the per-model configuration (tests use tiny ones); `batch_size` and
-    `width` override every model's batch and width.
+    `objectives` defaults to every registered method. `sizes` overrides the per-model
+    configuration (tests use tiny ones); `batch_size` and `width` override every model's
+    batch and width.
     """
+    objectives = methods.names() if objectives is None else tuple(objectives)
+    for o in objectives:  # an unknown name fails before anything is compiled
+        methods.get(o, argument="objectives")
     base = sizes or (QUICK if quick else FULL)
     peak = common.matmul_peak(peak_n, repeats=repeats)
     rows = []
@@ -184,10 +189,7 @@ def run(model_names=("mlp", "cnn", "resnet18"), objectives=OBJECTIVES, *, quick:
         "k": k,
         "repeats": repeats,
         "matmul_peak": peak,
-        "pass_counting": {
-            "ce": "F + 2F = 3F -> 1", "gradnorm": "(F + 2F) + 2 x 3F = 9F -> 3",
-            "smoothness": "2F + 2 x 2F = 6F -> 2", "noise": "3F -> 1", "pgd": "k x 3F + 3F -> k + 1",
-        },
+        "pass_counting": {o: methods.get(o).pass_count for o in objectives},
         "rows": rows,
     }
 
@@ -221,7 +223,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "step")
     ap.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated: mlp,cnn,resnet18")
-    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--objectives", default=",".join(methods.names()),
+                    help="comma-separated registered methods: " + ", ".join(methods.names()))
     ap.add_argument("--batch-size", type=int, default=None, help="batch of every model (default per model)")
     ap.add_argument("--width", type=int, default=None, help="width of every model (default per model)")
     ap.add_argument("--k", type=int, default=None, help="PGD steps (default 10; 3 with --quick)")

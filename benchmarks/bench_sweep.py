@@ -143,12 +143,14 @@ def print_table(res: dict) -> None:
 def main(argv=None) -> dict:
     """CLI entry point: parse flags, run, print the table and write JSON."""
     common.setup_fake_devices(argv)  # before any JAX operation
+    from pagjax import methods
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "sweep")
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--k", default="1,4,16", help="comma-separated sweep sizes K")
     ap.add_argument("--strategies", default="vmap,loop,sharded")
-    ap.add_argument("--method", default="noise")
+    ap.add_argument("--method", default="noise", help="one registered method: " + ", ".join(methods.names()))
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="steps per timed chunk")

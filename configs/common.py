@@ -21,8 +21,7 @@ grid and a few steps, so it runs on a CPU in CI in well under a minute.
 """
 from __future__ import annotations
 
-import numpy as np
-
+from pagjax import methods
 from pagjax.experiment import LearnedConfig, SweepConfig
 from pagjax.measure import MeasureConfig
 from pagjax.training import PAPER_SGD, OptimizerConfig
@@ -33,18 +32,14 @@ EPOCHS = 200
 PAPER_STEPS = EPOCHS * (CIFAR10_TRAIN // BATCH)  # 78,000
 PAPER_EPS = (1.44, 2.64, 4.83, 8.86)
 
-# The official 30-value strength grids (docs/theory.md §4; their units: docs/design.md §4).
-GRIDS = {
-    "gradnorm": tuple(float(v) for v in np.logspace(-5, 2, 30)),
-    "smoothness": tuple(float(v) for v in np.logspace(-4, 4, 30)),
-    "noise": tuple(float(v) for v in np.logspace(-3, 2, 30)),
-    "pgd": tuple(float(v) for v in np.logspace(-5, 4, 30)),
-}
+# The official 30-value strength grids (docs/theory.md §4; their units: docs/design.md §4),
+# each method's "paper" grid in the registry (pagjax.methods).
+GRIDS = methods.grid_table("paper")
 
 
 def paper_config(method: str, smoke: bool) -> SweepConfig:
     """The paper's CIFAR-10 sweep of one method (or its CPU smoke variant)."""
-    grid = GRIDS[method]
+    grid = methods.get(method, argument="paper_config method").grid("paper")
     if smoke:
         return SweepConfig(
             methods=(method,), strengths={method: (grid[0], grid[15], grid[-1])}, seeds=(0,),

@@ -92,12 +92,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pagjax.experiment import DEFAULT_STRENGTHS
+    from pagjax import methods
     from pagjax.training import PAPER_SGD
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/sweep_eps", help="output folder (results.csv, figures, checkpoints)")
-    p.add_argument("--methods", default=",".join(DEFAULT_STRENGTHS), help="comma-separated methods: gradnorm, smoothness, noise, pgd, ce")
+    p.add_argument("--methods", default=",".join(methods.robust_names()),
+                   help="comma-separated registered methods (pagjax.methods): " + methods.help_text().replace("%", "%%"))
     p.add_argument("--strengths", default=None, help="comma-separated strengths for every chosen method (default: per-method, per-dataset grids; "
                         "with --official converted to official units: gradnorm c = lambda*B^2/1e5, PGD eps*sqrt(B))")
     p.add_argument("--log-range", default=None, help="LOW,HIGH,N: N log-spaced strengths for every chosen method")
@@ -151,6 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     from pagjax import data as data_lib
+    from pagjax import methods as methods_lib
     from pagjax.experiment import LearnedConfig, SweepConfig, default_strengths
     from pagjax.measure import MeasureConfig
     from pagjax.training import PAPER_SGD, OptimizerConfig
@@ -158,6 +160,8 @@ def config_from_args(args: argparse.Namespace):
     real = data_lib.is_real_dataset(args.dataset)
 
     methods = _names(args.methods, "--methods")
+    for m in methods:  # names the flag and lists the registered methods
+        methods_lib.get(m, argument="--methods")
     if args.strengths is not None and args.log_range is not None:
         raise ValueError("give --strengths or --log-range, not both")
     if args.log_range is not None:

@@ -52,6 +52,7 @@ import numpy as np
 
 from pagjax import io as io_lib
 from pagjax import measure as measure_lib
+from pagjax import methods as methods_lib
 from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import plots, regimes, sweep, training, validation
@@ -61,59 +62,35 @@ from pagjax import plots, regimes, sweep, training, validation
 # can flip), so the resolved strategy is part of the settings a resume must match.
 EXECUTION_FIELDS = ("steps_per_call", "checkpoint_every", "data_dir", "download")
 
-# Default grids for the built-in data (linear_default with normal_offset 0.2, MLP width
-# 256): each spans weak -> Bayes-aligned -> excessive (found by probe runs, README).
-DEFAULT_STRENGTHS = {
-    "gradnorm": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
-    "smoothness": (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0),
-    "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-    "pgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-}
-# Default grids for the offline digits (8x8, MLP width 256, 600 steps). Probe runs: noise
-# and PGD models reach accuracy 0.98-0.99 up to 0.3, lose accuracy at 1-3 (PGD at eps 3
-# collapses to chance); the gradient's on-manifold fraction (8-latent autoencoder) rises
-# from 0.64 to 0.8-0.86 and falls again. Even the weakest model is off-manifold robust
-# (off < on): these smooth digits have no "non-robust features" to show a weak regime.
-REAL_DEFAULT_STRENGTHS = {
-    "gradnorm": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
-    "smoothness": (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0),
-    "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-    "pgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-}
-# Default grids for the tfds images (MNIST probed; Fashion-MNIST and CIFAR-10 share them,
-# unprobed). Probe on real MNIST (MLP width 256, 600 steps, 8192 images): test accuracy at
-# noise s = 1, 3, 10: 0.92, 0.75, 0.12 (chance); PGD eps = 1, 3, 10: 0.96, 0.86, 0.12;
-# gradnorm lambda = 10, 100: 0.78, 0.38; smoothness lambda = 1000: 0.18. The digits grids
-# stopped at eps 3, still at 0.86 accuracy, so they never reached the excessive regime.
-TFDS_DEFAULT_STRENGTHS = {
-    "gradnorm": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
-    "smoothness": (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0),
-    "noise": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
-    "pgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
-}
+# Default strength grids by dataset kind, the official-unit conversion and the strength
+# labels all live in the method registry (`pagjax.methods`); these are live views of it.
+DEFAULT_STRENGTHS = methods_lib.grid_table("known")  # built-in known manifolds
+REAL_DEFAULT_STRENGTHS = methods_lib.grid_table("digits")  # the offline digits
+TFDS_DEFAULT_STRENGTHS = methods_lib.grid_table("tfds")  # MNIST, Fashion-MNIST, CIFAR-10, ImageNet-64
 
 
 def to_official_units(method: str, strengths, batch_size: int) -> tuple[float, ...]:
     """A textbook-unit grid in the official code's units (objectives module docstring):
     gradnorm's constant c = lambda * B^2 / 1e5, PGD's whole-batch eps = eps * sqrt(B); the
     smoothness and noise strengths mean the same in both."""
-    scale = {"gradnorm": batch_size**2 / 1e5, "pgd": float(np.sqrt(batch_size))}.get(method, 1.0)
-    return tuple(float(v) * scale for v in strengths)
+    return methods_lib.get(method, argument="method").to_official(strengths, batch_size)
+
+
+def grid_kind(dataset: str) -> str:
+    """Which registry grid (`pagjax.methods.GRID_KINDS`) serves `dataset`."""
+    from pagjax import data as data_lib
+
+    if dataset == "digits":
+        return "digits"
+    return "tfds" if data_lib.is_real_dataset(dataset) else "known"
 
 
 def default_strengths(method: str, dataset: str, *, official: bool = False, batch_size: int = 128) -> tuple:
     """The default grid of ``method`` on ``dataset``, in official units when ``official``
     (so that an official sweep spans the same regimes as a textbook one)."""
-    from pagjax import data as data_lib
-
-    if dataset == "digits":
-        table = REAL_DEFAULT_STRENGTHS
-    elif data_lib.is_real_dataset(dataset):
-        table = TFDS_DEFAULT_STRENGTHS
-    else:
-        table = DEFAULT_STRENGTHS
-    grid = table.get(method, (0.0,))
-    return to_official_units(method, grid, batch_size) if official else tuple(grid)
+    m = methods_lib.get(method, argument="method")
+    grid = m.grid(grid_kind(dataset))
+    return m.to_official(grid, batch_size) if official else tuple(grid)
 
 
 # what the summary's and the figure's alignment column measures, by results.csv column
@@ -126,7 +103,7 @@ ALIGNMENT_CURVE_LABELS = {"bayes_cosine": "cosine with Bayes gradient",
                           "paper_score_cosine": "paper protocol: cosine vs score"}
 
 
-STRENGTH_NAMES = {"gradnorm": "lambda", "smoothness": "lambda", "noise": "noise s", "pgd": "eps (L2)", "ce": "-"}
+STRENGTH_NAMES = methods_lib.View(lambda m: m.strength_label)  # figure labels, from the registry
 RESULT_COLUMNS = (
     "method", "strength", "seed", "accuracy", "bayes_accuracy", "on_change", "off_change", "off_on_ratio",
     "grad_on_manifold_fraction", "random_fraction", "bayes_fraction", "score_cosine", "bayes_cosine", "lpips_alignment",
@@ -226,7 +203,7 @@ class LearnedConfig:
 class SweepConfig:
     """Every setting of a sweep (see ``python -m experiments.sweep_eps --help``)."""
 
-    methods: tuple[str, ...] = ("gradnorm", "smoothness", "noise", "pgd")
+    methods: tuple[str, ...] = dataclasses.field(default_factory=methods_lib.robust_names)
     strengths: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_STRENGTHS))
     seeds: tuple[int, ...] = (0, 1)
     dataset: str = "linear_default"
@@ -268,7 +245,7 @@ class SweepConfig:
         if len(set(self.methods)) != len(self.methods):  # would train and write the same rows twice
             raise ValueError(f"methods must be distinct, got {list(self.methods)}")
         for m in self.methods:
-            validation.check_choice("method", m, objectives_lib.METHODS)
+            methods_lib.get(m, argument="SweepConfig.methods")
             if m not in self.strengths or not len(self.strengths[m]):
                 raise ValueError(f"strengths has no values for method {m!r}")
             s = np.asarray(self.strengths[m], float)

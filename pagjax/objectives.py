@@ -11,7 +11,8 @@ trained forward pass (for accuracy) and ``model_state`` (BatchNorm statistics, `
 for stateless models). ``strength`` may be a traced scalar, so one compiled step serves a
 whole sweep; strength 0 gives plain cross-entropy exactly.
 
-Method names (used everywhere: CLI, results, configs):
+The methods (registered in `pagjax.methods`, which holds everything else about them:
+default grids, strength labels, unit conversions; `make_objective` looks them up there):
 
 ==============  ================================================  ==========
 name            per-example objective                              strength
@@ -68,7 +69,6 @@ step's statistics). Only ``official_bn_updates`` needs the three-argument form.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
@@ -81,7 +81,6 @@ Array = jax.Array
 ForwardFn = Callable[..., tuple[Array, dict]]
 Objective = Callable[..., tuple[Array, dict]]
 
-METHODS = ("ce", "gradnorm", "smoothness", "noise", "pgd")
 OFFICIAL_GRADNORM_SCALE = 1e5  # the official code's constant
 
 
@@ -271,7 +270,8 @@ class ObjectiveOptions:
 
 
 def make_objective(name: str, options: ObjectiveOptions | None = None, **kwargs) -> Objective:
-    """Objective by method name: ``ce``, ``gradnorm``, ``smoothness``, ``noise``, ``pgd``.
+    """Objective of the registered method `name` (`pagjax.methods`: ``ce``, ``gradnorm``,
+    ``smoothness``, ``noise``, ``pgd`` and any registered since).
 
     Args:
       name: the method (one of `METHODS`).
@@ -281,25 +281,28 @@ def make_objective(name: str, options: ObjectiveOptions | None = None, **kwargs)
     Returns:
       a pure ``objective(forward, params, x, y, key, strength) -> (per_example_loss, aux)``.
     """
-    validation.check_choice("objective", name, METHODS)
+    from pagjax import methods  # methods imports this module for the loss functions
+
+    method = methods.get(name, argument="make_objective name")
     opts = options or ObjectiveOptions(**kwargs)
     if options is not None and kwargs:
         opts = dataclasses.replace(options, **kwargs)
+    # every option is checked whatever the method, so that a bad setting fails the same way
+    # for every method of a sweep
     if isinstance(opts.pgd_steps, bool) or not isinstance(opts.pgd_steps, int) or opts.pgd_steps < 0:
         raise ValueError(f"pgd_steps must be an integer >= 0, got {opts.pgd_steps!r}")
     validation.check_positive("smoothness_noise_std", opts.smoothness_noise_std)
     for flag in ("official_grad_accumulation", "official_bn_updates"):
         if getattr(opts, flag) not in (True, False):
             raise ValueError(f"{flag} must be True or False, got {getattr(opts, flag)!r}")
-    if name == "ce":
-        return plain_ce
-    if name == "gradnorm":
-        return functools.partial(gradnorm, official=opts.official)
-    if name == "smoothness":
-        return functools.partial(smoothness, noise_std=opts.smoothness_noise_std,
-                                 official_bn_updates=opts.official_bn_updates)
-    if name == "noise":
-        return noise_augmentation
-    return functools.partial(pgd_training, num_steps=opts.pgd_steps, official=opts.official, box=opts.pgd_box,
-                             official_grad_accumulation=opts.official_grad_accumulation,
-                             official_bn_updates=opts.official_bn_updates)
+    return method.objective(opts)
+
+
+def __getattr__(name):
+    # METHODS is read from the registry at each access (a tuple here would miss methods
+    # registered after this module was imported)
+    if name == "METHODS":
+        from pagjax import methods
+
+        return methods.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

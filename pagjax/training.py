@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from pagjax import engine
+from pagjax import methods as methods_lib
 from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import validation
@@ -199,7 +200,7 @@ class TrainConfig:
     official_bn_updates: bool = False
 
     def validate(self):
-        validation.check_choice("method", self.method, objectives_lib.METHODS)
+        methods_lib.get(self.method, argument="TrainConfig.method")
         validation.check_strength("strength", self.strength)
         validation.check_positive_int("steps", self.steps)
         validation.check_positive_int("batch_size", self.batch_size)
