@@ -145,7 +145,8 @@ def register(method: Method, *, replace: bool = False) -> Method:
 
 def unregister(name: str) -> Method:
     """Remove and return the method `name`."""
-    return _REGISTRY.pop(get(name, argument="unregister name"))
+    get(name, argument="unregister name")  # an unknown name: the registry's error
+    return _REGISTRY.pop(name)
 
 
 @contextlib.contextmanager
