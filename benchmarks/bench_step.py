@@ -19,6 +19,7 @@ the median of several repeats of:
   pgd (k steps)    k x (F + 2F for grad_x) + 3F for the final step             k + 1
   ===============  =========================================================  =======
 
+  (each method's count is in its `pagjax.methods` entry; every registered method is run);
 * the **FLOP ratio**: XLA's own FLOP count of the compiled step over the plain step's
   (a ratio above the ideal means the compiled program does more work than the passes
   need; a time ratio above the FLOP ratio means the extra work runs less efficiently);

@@ -25,6 +25,7 @@ Exported here (the most used entry points):
 * regimes: `label_regimes` (weak / Bayes-aligned / excessive).
 
 Every module is importable on its own; the main ones beside these:
+`pagjax.methods` (the method registry: grids, labels, units; docs/extending.md),
 `pagjax.manifolds` (known-manifold data with exact tangent spaces, scores and Bayes
 quantities), `pagjax.scores` (exact and learned scores), `pagjax.robustness` (on/off-manifold
 change, the gradient's on-manifold fraction), `pagjax.geometry` (tangent spaces),
@@ -38,11 +39,22 @@ from pagjax.alignment import AlignmentResult
 # `from pagjax import grad_align`, in any order.
 from pagjax import grad_align
 from pagjax.models import Model, build_model
-from pagjax.objectives import METHODS, ObjectiveOptions, make_objective
+from pagjax.objectives import ObjectiveOptions, make_objective
 from pagjax.regimes import label_regimes
 from pagjax.training import OptimizerConfig, TrainConfig, TrainState, make_train_step, train
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # METHODS: the registered method names (pagjax.methods), read at each access, so that a
+    # method registered after this import is listed too
+    if name == "METHODS":
+        from pagjax import methods
+
+        return methods.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AlignmentResult",
