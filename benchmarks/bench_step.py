@@ -108,7 +108,8 @@ def measure_step(model_name: str, cfg: dict, objective: str, k: int, repeats: in
     compiled, cost = common.compiled_cost(jitted, state, *args)
     compile_s = time.perf_counter() - t0
     flops = cost["flops"]
-    if objective == "pgd" and flops is not None and k >= 2:
+    looped = methods.get(objective).inner_steps  # PGD: an attack loop of k steps
+    if looped and flops is not None and k >= 2:
         # A while-loop body is counted once by XLA. If the attack loop is a while loop
         # (flops(k) == flops(1)), correct: flops(k) = flops(0) + k * (flops(1) - flops(0)).
         # On CPU the attack is unrolled (pagjax.attacks) and XLA already counts every step.
@@ -127,7 +128,7 @@ def measure_step(model_name: str, cfg: dict, objective: str, k: int, repeats: in
     row = {
         "model": model_name,
         "objective": objective,
-        "k": k if objective == "pgd" else None,
+        "k": k if looped else None,
         "batch": cfg["batch"],
         "width": cfg["width"],
         "image": list(cfg["image"]),
@@ -205,7 +206,7 @@ def print_table(res: dict) -> None:
                "GFLOP/step", "GFLOP/s", "% peak", "peak MB"]
     rows = []
     for r in res["rows"]:
-        obj = f"pgd k={r['k']}" if r["objective"] == "pgd" else r["objective"]
+        obj = f"{r['objective']} k={r['k']}" if r["k"] is not None else r["objective"]
         rows.append([
             r["model"], obj, r["batch"], r["step_s"] * 1e3, r.get("ratio"), r["ideal_ratio"], r.get("flop_ratio"),
             r["flops"] / 1e9 if r["flops"] else None, r["flop_per_s"] / 1e9 if r["flop_per_s"] else None,

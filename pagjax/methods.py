@@ -72,6 +72,8 @@ class Method:
       ideal_ratio: ``ideal_ratio(k)``: the step's cost in plain-CE steps by counting passes
         (forward F, a reverse pass 2x its graph), ``k`` the attack steps where there are any.
       pass_count: the counting behind ``ideal_ratio``, for the benchmark's report.
+      inner_steps: whether the step runs an inner loop of ``k = options.pgd_steps`` iterations
+        (PGD's attack): the benchmark then reports k and corrects XLA's FLOP count of a loop.
     """
 
     name: str
@@ -83,6 +85,7 @@ class Method:
     bench_strength: float = 0.0
     ideal_ratio: Callable[[int], float] = one_pass
     pass_count: str = "F + 2F = 3F -> 1"
+    inner_steps: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -296,4 +299,4 @@ register(Method(
     grids={"known": _HALF_DECADES, "digits": _HALF_DECADES, "tfds": _HALF_DECADES + (10.0,),
            "paper": _paper_grid(-5, 4)},
     official_scale=_pgd_official_scale, bench_strength=0.5,
-    ideal_ratio=lambda k: float(k + 1), pass_count="k x 3F + 3F -> k + 1"))
+    ideal_ratio=lambda k: float(k + 1), pass_count="k x 3F + 3F -> k + 1", inner_steps=True))
