@@ -217,8 +217,8 @@ def grid_table(kind: str) -> View:
 
 
 def help_text() -> str:
-    """``name (description); ...`` of every registered method, for a CLI's help."""
-    return "; ".join(f"{m.name} ({m.description})" for m in _REGISTRY.values())
+    """``name: description; ...`` of every registered method, for a CLI's help."""
+    return "; ".join(f"{m.name}: {m.description}" for m in _REGISTRY.values())
 
 
 # ------------------------------------------------------------------ the five built-in methods

@@ -186,7 +186,7 @@ def test_a_new_method_goes_through_every_derived_view(dropout_method):
     assert "input_dropout" in experiment.SweepConfig().methods and "input_dropout" in objectives.METHODS
 
     # the sweep CLI: listed in --help, accepted by --methods, its default grid used
-    assert "input_dropout (CE on inputs with pixels dropped at rate p)" in _sweep_help(sweep_eps)
+    assert "input_dropout: CE on inputs with pixels dropped at rate p" in _sweep_help(sweep_eps)
     cfg = sweep_eps.config_from_args(sweep_eps.parse_args(["--methods", "input_dropout,noise", "--seeds", "0"]))
     assert cfg.strengths["input_dropout"] == INPUT_DROPOUT.grids["known"]
     cfg.validate()
