@@ -40,7 +40,6 @@ from pagjax import scores as scores_lib
 
 Array = jax.Array
 
-METRICS = ("cosine", "ssim", "lpips")
 NORMALIZATIONS = ("max_abs", "standardize", "none")
 
 
@@ -143,16 +142,54 @@ def lpips_alignment(
     if a.ndim != 4:
         raise ValueError(f"lpips needs NHWC maps (rank 4), got shape {tuple(a.shape)}")
     lnet = net if isinstance(net, lpips_lib.LPIPSNet) else lpips_lib.load_lpips(net)
-    size = lpips_lib.check_size(lnet, a.shape[1], a.shape[2], upsample)
-    return 1.0 - _lpips_jit(lnet.params, a, b, net=lnet.net, size=size)
+    options = MapOptions(lpips_net=lnet.net, lpips_size=lpips_lib.check_size(lnet, a.shape[1], a.shape[2], upsample))
+    return _lpips_metric(a, b, lnet.params, options)
 
 
-def _lpips_impl(params, a, b, *, net, size):
-    lnet = lpips_lib.LPIPSNet(net=net, params=params)
-    return lpips_lib.lpips_distance(lnet, a, b, size=size)
+# --------------------------------------------------------------------------- the metric table
+# One table of map metrics, used by `grad_align` and by `pagjax.metrics` (the sweep's
+# results.csv columns), so both compute every metric the same way.
 
 
-_lpips_jit = jax.jit(_lpips_impl, static_argnames=("net", "size"))
+@dataclasses.dataclass(frozen=True)
+class MapOptions:
+    """The static settings of the map metrics (hashable: they are part of a `jit` cache
+    key; the LPIPS parameters, arrays, are passed beside them)."""
+
+    lpips_net: str | None = None  # "alexnet" / "vgg16"
+    lpips_size: tuple[int, int] | None = None  # (H, W) LPIPS runs at (see `pagjax.lpips.check_size`)
+    ssim_max_val: float | None = None  # SSIM dynamic range (None: each pair's own)
+
+
+def _cosine_metric(a, b, lpips_params, options: MapOptions):
+    return cosine_similarity(a, b)
+
+
+def _ssim_metric(a, b, lpips_params, options: MapOptions):
+    return ssim_alignment(a, b, max_val=options.ssim_max_val)
+
+
+def _lpips_metric(a, b, lpips_params, options: MapOptions):
+    lnet = lpips_lib.LPIPSNet(net=options.lpips_net, params=lpips_params)
+    return 1.0 - lpips_lib.lpips_distance(lnet, a, b, size=options.lpips_size)
+
+
+# name -> fn(a, b, lpips_params, options) -> (B,): higher is more aligned
+MAP_METRICS: dict[str, Callable] = {"cosine": _cosine_metric, "ssim": _ssim_metric, "lpips": _lpips_metric}
+METRICS = tuple(MAP_METRICS)
+
+
+def compare_maps(a: Array, b: Array, metrics: Sequence[str] = ("cosine",), normalization: str = "max_abs", *,
+                 lpips_params=None, options: MapOptions = MapOptions()) -> dict:
+    """Per-example values ``{metric: (B,)}`` of two batches of maps of equal shape, each
+    map normalised on its own first (`normalize_maps`).
+
+    Pure and jit-able with `metrics`, `normalization` and `options` static; ``"lpips"``
+    needs `lpips_params` (a loaded `pagjax.lpips.LPIPSNet`'s ``params``) and
+    ``options.lpips_net`` / ``options.lpips_size``.
+    """
+    na, nb = normalize_maps(a, normalization), normalize_maps(b, normalization)
+    return {m: MAP_METRICS[m](na, nb, lpips_params, options) for m in metrics}
 
 
 # --------------------------------------------------------------------------- result
@@ -221,53 +258,7 @@ class _Static:
     target: str
     metrics: tuple
     normalization: str
-    lpips_net: str | None
-    lpips_size: tuple | None
-    ssim_max_val: float | None
-
-
-def alignment_metrics(
-    maps_a: Array,
-    maps_b: Array,
-    *,
-    metrics: Sequence[str] = ("cosine",),
-    normalization: str = "max_abs",
-    lpips_net: str | lpips_lib.LPIPSNet = "alexnet",
-    lpips_upsample: bool = False,
-    ssim_max_val: float | None = None,
-) -> dict:
-    """Per-example alignment metrics between two batches of maps (e.g. two scores).
-
-    Normalises both with `normalize_maps(.., normalization)` and returns
-    ``{metric: (B,) array}`` for each requested metric (see module docstring).
-    """
-    metrics = _check_metrics(metrics)
-    validation.check_choice("normalization", normalization, NORMALIZATIONS)
-    _check_pair(maps_a, maps_b, ("maps_a", "maps_b"))
-    na, nb = normalize_maps(maps_a, normalization), normalize_maps(maps_b, normalization)
-    out = {}
-    for m in metrics:
-        if m == "cosine":
-            out[m] = cosine_similarity(na, nb)
-        elif m == "ssim":
-            out[m] = ssim_alignment(na, nb, max_val=ssim_max_val)
-        else:
-            out[m] = lpips_alignment(na, nb, net=lpips_net, upsample=lpips_upsample)
-    return out
-
-
-def _metrics_on_maps(st: _Static, lpips_params, grads, smaps):
-    ng, ns = normalize_maps(grads, st.normalization), normalize_maps(smaps, st.normalization)
-    out = {}
-    for m in st.metrics:
-        if m == "cosine":
-            out[m] = cosine_similarity(ng, ns)
-        elif m == "ssim":
-            out[m] = ssim_alignment(ng, ns, max_val=st.ssim_max_val)
-        else:
-            lnet = lpips_lib.LPIPSNet(net=st.lpips_net, params=lpips_params)
-            out[m] = 1.0 - lpips_lib.lpips_distance(lnet, ng, ns, size=st.lpips_size)
-    return out
+    options: MapOptions
 
 
 def _chunk(st: _Static, params, lpips_params, source, noise_level, x, labels, smaps):
@@ -279,7 +270,7 @@ def _chunk(st: _Static, params, lpips_params, source, noise_level, x, labels, sm
         else:
             smaps = st.score_fn(x)
     smaps = jnp.reshape(smaps, grads.shape).astype(grads.dtype)
-    out = _metrics_on_maps(st, lpips_params, grads, smaps)
+    out = compare_maps(grads, smaps, st.metrics, st.normalization, lpips_params=lpips_params, options=st.options)
     return out, numerics.per_example_norm(grads)
 
 
@@ -421,9 +412,7 @@ def grad_align(
         target=target,
         metrics=metrics,
         normalization=normalization,
-        lpips_net=lnet_name,
-        lpips_size=lsize,
-        ssim_max_val=ssim_max_val,
+        options=MapOptions(lpips_net=lnet_name, lpips_size=lsize, ssim_max_val=ssim_max_val),
     )
     s_arr = None if noise_level is None else jnp.asarray(noise_level, jnp.float32)
 

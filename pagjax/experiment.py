@@ -4,7 +4,7 @@
 It writes into `out_dir`:
 
 * ``config.json``   every setting and the library versions;
-* ``results.csv``   one row per (method, strength, seed) (see `RESULT_COLUMNS`);
+* ``results.csv``   one row per (method, strength, seed) (see `result_columns`);
 * ``regimes.json``  per method: regime labels, boundaries and the evidence;
 * ``summary.json``  per method: crossover, peak alignment and where, boundaries;
 * ``figure3.png``   the paper's Figure-3 layout; ``gradients_<method>.png`` grids;
@@ -53,6 +53,7 @@ import numpy as np
 from pagjax import io as io_lib
 from pagjax import measure as measure_lib
 from pagjax import methods as methods_lib
+from pagjax import metrics as metrics_lib
 from pagjax import models as models_lib
 from pagjax import objectives as objectives_lib
 from pagjax import plots, regimes, sweep, training, validation
@@ -93,22 +94,16 @@ def default_strengths(method: str, dataset: str, *, official: bool = False, batc
     return m.to_official(grid, batch_size) if official else tuple(grid)
 
 
-# what the summary's and the figure's alignment column measures, by results.csv column
-ALIGNMENT_LABELS = {"bayes_cosine": "exact Bayes gradient", "learned_bayes_cosine": "learned Bayes gradient",
-                    "paper_lpips_alignment": "paper: 1-LPIPS(grad logit sum, unconditional score)",
-                    "paper_score_cosine": "paper: cosine(grad logit sum, unconditional score)"}
-ALIGNMENT_CURVE_LABELS = {"bayes_cosine": "cosine with Bayes gradient",
-                          "learned_bayes_cosine": "cosine with LEARNED Bayes gradient",
-                          "paper_lpips_alignment": "paper protocol: 1 - LPIPS vs score",
-                          "paper_score_cosine": "paper protocol: cosine vs score"}
-
-
 STRENGTH_NAMES = methods_lib.View(lambda m: m.strength_label)  # figure labels, from the registry
-RESULT_COLUMNS = (
-    "method", "strength", "seed", "accuracy", "bayes_accuracy", "on_change", "off_change", "off_on_ratio",
-    "grad_on_manifold_fraction", "random_fraction", "bayes_fraction", "score_cosine", "bayes_cosine", "lpips_alignment",
-    "robust_accuracy", "regime", "diverged", "learned_bayes_cosine", "paper_score_cosine", "paper_lpips_alignment",
-)
+# results.csv: these columns, every registered metric's (pagjax.metrics), then these
+ID_COLUMNS = ("method", "strength", "seed")
+STATUS_COLUMNS = ("regime", "diverged")
+
+
+def result_columns(measure: measure_lib.MeasureConfig | None = None) -> tuple[str, ...]:
+    """results.csv's columns, from the metric registry (with `measure`, also the columns
+    that depend on its settings, e.g. ``on_change@<eps>``)."""
+    return ID_COLUMNS + metrics_lib.columns(measure) + STATUS_COLUMNS
 
 
 MAX_STEPS = 10_000_000
@@ -573,7 +568,9 @@ def measure_method(config: SweepConfig, method: str, state: sweep.SweepState, ev
     diverged = np.asarray(state.diverged)
     rows, grids = [], []
     for i, (s, seed) in enumerate(zip(strengths, seeds)):
-        row = {"method": method, "strength": s, "seed": seed, "diverged": bool(diverged[i])}
+        # every column, empty until measured: a diverged model's row is complete too
+        row = {"method": method, "strength": s, "seed": seed, "diverged": bool(diverged[i]),
+               **dict.fromkeys(metrics_lib.columns(config.measure))}
         # one device: a model sliced from a sharded sweep state lives on several devices,
         # and the eval set's cached maps on one
         variables = jax.device_put(jax.device_get(sweep.model_variables(state, i)), jax.devices()[0])
@@ -602,9 +599,7 @@ def method_curves(rows: list[dict], config: SweepConfig, method: str, num_classe
                 out[list(strengths).index(r["strength"]), seeds.index(r["seed"])] = r[col]
         return out
 
-    curves = {c: grid(c) for c in ("on_change", "off_change", "accuracy", "bayes_cosine", "score_cosine",
-                                   "grad_on_manifold_fraction", "lpips_alignment", "learned_bayes_cosine",
-                                   "paper_score_cosine", "paper_lpips_alignment")}
+    curves = {c: grid(c) for c in metrics_lib.columns()}
     with warnings.catch_warnings():  # all-NaN rows (diverged or unmeasured) are expected
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {c: np.nanmean(v, 1) for c, v in curves.items()}
@@ -628,7 +623,7 @@ def summarize(curves: dict, result: regimes.RegimeResult | None, method: str) ->
     """The per-method line of the final table."""
     column = curves.get("alignment_column", "bayes_cosine")
     align = curves["mean"][column]
-    out = {"method": method, "alignment": ALIGNMENT_LABELS.get(column, column)}
+    out = {"method": method, "alignment": metrics_lib.alignment_labels().get(column, column)}
     if np.isfinite(align).any():
         i = int(np.nanargmax(align))
         out.update(peak_bayes_cosine=float(align[i]), peak_at=float(curves["strengths"][i]),
@@ -729,7 +724,7 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
         fig_curves[method] = {"strengths": curves["strengths"], "labels": curves["labels"],
                               "on_change": curves["on_change"], "off_change": curves["off_change"],
                               "accuracy": curves["accuracy"], "alignment": curves[curves["alignment_column"]],
-                              "alignment_label": ALIGNMENT_CURVE_LABELS[curves["alignment_column"]]}
+                              "alignment_label": metrics_lib.alignment_curve_labels()[curves["alignment_column"]]}
         grids = grids_by_method[method]
         strengths, seeds = _method_points(config, method)
         first_seed = [i for i, sd in enumerate(seeds) if sd == config.seeds[0]]
@@ -748,8 +743,7 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
             labels_img.insert(0, "image")
         plots.gradient_grid(rows_img, labels_img, os.path.join(out_dir, f"gradients_{method}.png"),
                             title=f"input-gradients of log p(y|x), {method} (seed {config.seeds[0]})")
-    extra = sorted({k for r in all_rows for k in r if k.startswith(("on_change@", "off_change@"))})
-    io_lib.write_csv(os.path.join(out_dir, "results.csv"), all_rows, list(RESULT_COLUMNS) + extra)
+    io_lib.write_csv(os.path.join(out_dir, "results.csv"), all_rows, result_columns(config.measure))
     io_lib.write_json(os.path.join(out_dir, "regimes.json"), regime_info)
     io_lib.write_json(os.path.join(out_dir, "summary.json"), summaries)
     if fig_curves:
@@ -782,6 +776,14 @@ def load_points(config: SweepConfig, method: str, point_file: str, grid_file: st
         raise bad("a row lacks a numeric strength or seed") from None
     if got != want or any(r.get("method") != method or not isinstance(r.get("diverged"), bool) for r in rows):
         raise bad(f"holds {len(rows)} rows, expected one per (strength, seed) of {method}: {len(want)}")
+    known = set(ID_COLUMNS + STATUS_COLUMNS) | set(metrics_lib.columns(config.measure))
+    for r in rows:
+        unknown = sorted(set(r) - known)
+        if unknown:  # measured by a metric no longer registered: measure again rather than drop it
+            raise bad(f"row {method} strength {r['strength']:g} seed {r['seed']} has columns no registered "
+                      f"metric writes: {unknown}")
+    # metrics registered since these rows were measured: empty (not measured), never made up
+    rows = [{**dict.fromkeys(metrics_lib.columns(config.measure)), **r} for r in rows]
     for r in rows:
         for key in ("accuracy", "on_change", "off_change"):
             v = r.get(key)

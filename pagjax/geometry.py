@@ -306,14 +306,6 @@ def _expand(coef: Array, basis: Array) -> Array:
     return jnp.einsum("nk,ndk->nd", coef, basis)
 
 
-def tangent_coordinates(v: Array, basis) -> Array:
-    """Coordinates ``U^T v`` of each example of ``v`` (n, ...) in the basis: shape (n, k)."""
-    basis = _basis_array(basis)
-    _check_batch("v", v)
-    check_basis("basis", basis, d=num_features(v), n=v.shape[0])
-    return _coefficients(jnp.reshape(v, (v.shape[0], -1)), basis)
-
-
 def project_tangent(v: Array, basis) -> Array:
     """Orthogonal projection ``P v = U U^T v`` of each example of ``v`` (n, ...).
 
@@ -330,12 +322,6 @@ def project_tangent(v: Array, basis) -> Array:
 def project_normal(v: Array, basis) -> Array:
     """Projection ``(I - P) v`` onto the orthogonal complement of the tangent space."""
     return v - project_tangent(v, basis)
-
-
-def split_tangent_normal(v: Array, basis) -> tuple[Array, Array]:
-    """``(P v, v - P v)`` for a batch ``v`` (n, ...), both shaped like ``v``."""
-    t = project_tangent(v, basis)
-    return t, v - t
 
 
 # --------------------------------------------------------------------------- principal angles

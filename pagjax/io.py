@@ -138,7 +138,23 @@ def read_json(path: str):
 
 
 def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """Rows of dicts as CSV with a fixed column order; None/NaN become empty cells."""
+    """Rows of dicts as CSV with a fixed column order; None/NaN become empty cells.
+
+    Every row must hold exactly `columns` (None for an empty cell): a key that is not a
+    column, or a column a row lacks, raises `ValueError` naming it, so a value is never
+    dropped silently and an empty cell always means "not measured".
+    """
+    columns = list(columns)
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"columns repeat: {sorted({c for c in columns if columns.count(c) > 1})}")
+    wanted = set(columns)
+    for i, r in enumerate(rows):
+        unknown = [k for k in r if k not in wanted]
+        if unknown:
+            raise ValueError(f"{path}: row {i} has values for unknown columns {unknown} (columns: {columns})")
+        missing = [c for c in columns if c not in r]
+        if missing:
+            raise ValueError(f"{path}: row {i} lacks columns {missing} (pass None for an empty cell)")
 
     def cell(v):
         if v is None:
@@ -150,16 +166,11 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
         return v
 
     buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns)
     w.writeheader()
     for r in rows:
-        w.writerow({c: cell(r.get(c)) for c in columns})
+        w.writerow({c: cell(r[c]) for c in columns})
     atomic_write(path, lambda f: f.write(buf.getvalue()))
-
-
-def read_csv(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def save_npz(path: str, **arrays) -> None:

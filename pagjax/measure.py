@@ -3,7 +3,8 @@
 `prepare_eval_set` does the per-dataset work a single time (the eval subset, the tangent
 basis, the score and Bayes-gradient maps at the alignment noise level, the Bayes-optimal
 accuracy, the LPIPS network); `measure_model` then measures any number of models
-against it:
+against it, evaluating every metric of the registry `pagjax.metrics` whose needs the eval
+set meets (the built-in ones below; docs/extending.md shows how to add one):
 
 * ``accuracy`` on the whole test set (and ``bayes_accuracy``, where the density is known);
 * on/off-manifold softmax change (L1, docs/theory.md §5) at every eps of
@@ -40,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagjax import alignment, attacks, gradients, robustness, validation
-from pagjax.objectives import cross_entropy
+from pagjax import gradients, validation
+from pagjax import metrics as metrics_lib
 
 Array = jax.Array
 # "default": grad log p(y|x) vs the Bayes gradient (exact, or learned on real images);
@@ -100,7 +101,6 @@ class EvalSet:
     bayes_accuracy: float | None
     num_classes: int
     lpips_net: Any = None
-    bayes_fraction: float | None = None  # on-manifold fraction of the exact Bayes gradient
     learned_bayes_maps: Array | None = None  # real data: a learned Bayes gradient (not exact)
     paper_score_maps: Array | None = None  # unconditional score at paper_noise (the paper's reference)
 
@@ -143,77 +143,19 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
         from pagjax import lpips as lpips_lib
 
         lpips_net = lpips_lib.load_lpips("alexnet")
-    bayes_frac = None
-    if bayes_maps is not None and basis is not None:
-        bayes_frac = float(jnp.mean(robustness.gradient_on_manifold_fraction(bayes_maps, basis)[0]))
     return EvalSet(jnp.asarray(x_test), jnp.asarray(y_test), x, y, basis, score_maps, bayes_maps, bayes_acc,
-                   num_classes, lpips_net, bayes_frac, learned_bayes_maps, paper_score_maps)
-
-
-def accuracy(apply_fn, variables, x, y, batch_size: int = 1024) -> float:
-    """Clean accuracy over (x, y) in batches."""
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        logits = apply_fn(variables, x[i : i + batch_size])
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == y[i : i + batch_size]))
-    return correct / x.shape[0]
-
-
-def robust_accuracy(apply_fn, variables, x, y, eps: float, num_steps: int, key) -> float:
-    """Accuracy under a per-example L2 PGD attack of radius `eps` (no box)."""
-    loss_fn = lambda inputs: cross_entropy(apply_fn(variables, inputs), y)  # noqa: E731
-    delta = attacks.l2_pgd(loss_fn, x, key, eps=eps, num_steps=num_steps)
-    return float(jnp.mean(jnp.argmax(apply_fn(variables, x + delta), -1) == y))
+                   num_classes, lpips_net, learned_bayes_maps, paper_score_maps)
 
 
 def measure_model(apply_fn, variables, evalset: EvalSet, config: MeasureConfig, key) -> tuple[dict, np.ndarray]:
-    """All measurements of one model: (row of scalars, input-gradient maps of the first
-    ``grid_images`` eval images)."""
-    k_dir, k_pgd = jax.random.split(key)
-    row: dict[str, Any] = {
-        "accuracy": accuracy(apply_fn, variables, evalset.x_test, evalset.y_test),
-        "bayes_accuracy": evalset.bayes_accuracy,
-        "bayes_fraction": evalset.bayes_fraction,
-    }
-    x, y = evalset.x, evalset.y
-    grads = gradients.input_gradients(apply_fn, variables, x, y, target=config.target)
-    if evalset.basis is not None:
-        change = robustness.on_off_manifold_change(
-            apply_fn, variables, x, evalset.basis, list(config.eps), k_dir, num_directions=config.num_directions
-        )
-        on, off = np.asarray(change.mean_on_l1), np.asarray(change.mean_off_l1)
-        for e, a, b in zip(config.eps, on, off):
-            row[f"on_change@{e:g}"] = float(a)
-            row[f"off_change@{e:g}"] = float(b)
-        j = list(config.eps).index(config.regime_eps)
-        row["on_change"], row["off_change"] = float(on[j]), float(off[j])
-        row["off_on_ratio"] = float(off[j] / max(on[j], 1e-12))
-        frac, baseline = robustness.gradient_on_manifold_fraction(grads, evalset.basis)
-        row["grad_on_manifold_fraction"] = float(jnp.mean(frac))
-        row["random_fraction"] = float(baseline)
-    if evalset.score_maps is not None:
-        row["score_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.score_maps)))
-    if evalset.bayes_maps is not None:
-        row["bayes_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.bayes_maps)))
-    if evalset.learned_bayes_maps is not None:
-        row["learned_bayes_cosine"] = float(jnp.mean(alignment.cosine_similarity(grads, evalset.learned_bayes_maps)))
-    reference = evalset.bayes_maps if evalset.bayes_maps is not None else evalset.learned_bayes_maps
-    if reference is not None and evalset.lpips_net is not None:
-        m = config.lpips_images
-        a = alignment.normalize_maps(grads[:m], "max_abs")
-        b = alignment.normalize_maps(reference[:m], "max_abs")
-        row["lpips_alignment"] = float(jnp.mean(
-            alignment.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
-    if evalset.paper_score_maps is not None:
-        # the paper's protocol: gradient of the sum of the logits vs the unconditional score
-        paper_grads = gradients.input_gradients(apply_fn, variables, x, None, target="logit_sum")
-        row["paper_score_cosine"] = float(jnp.mean(alignment.cosine_similarity(paper_grads, evalset.paper_score_maps)))
-        if evalset.lpips_net is not None:
-            m = config.lpips_images
-            a = alignment.normalize_maps(paper_grads[:m], "max_abs")
-            b = alignment.normalize_maps(evalset.paper_score_maps[:m], "max_abs")
-            row["paper_lpips_alignment"] = float(jnp.mean(
-                alignment.lpips_alignment(a, b, net=evalset.lpips_net, upsample=True)))
-    if config.pgd_eps is not None:
-        row["robust_accuracy"] = robust_accuracy(apply_fn, variables, x, y, config.pgd_eps, config.pgd_steps, k_pgd)
-    return row, np.asarray(grads[: config.grid_images])
+    """All measurements of one model: (row, input-gradient maps of the first
+    ``grid_images`` eval images).
+
+    The row holds every column of every registered metric (`pagjax.metrics.REGISTRY`):
+    the values of those whose needs `evalset` and `config` meet, None for the others.
+    """
+    inputs = metrics_lib.MetricInputs(apply_fn, variables, evalset, config, key)
+    row: dict[str, Any] = {}
+    for metric in metrics_lib.REGISTRY.values():
+        row.update(metrics_lib.evaluate(metric, inputs))
+    return row, np.asarray(inputs.grads[: config.grid_images])

@@ -181,17 +181,6 @@ def exact_score(manifold, kind: str = "score", *, name: str | None = None) -> Sc
     return ScoreSource(fn=fn, params=params, needs_labels=kind != "score", kind=kind, name=name)
 
 
-def score_fn_source(
-    fn: Callable, *, needs_labels: bool = False, name: str = "", kind: str = "score"
-) -> ScoreSource:
-    """Wrap a plain function as a source: ``fn(x, s)`` or, with labels, ``fn(x, y, s)``."""
-    if needs_labels:
-        wrapped = lambda p, x, y, s: fn(x, y, s)  # noqa: E731
-    else:
-        wrapped = lambda p, x, y, s: fn(x, s)  # noqa: E731
-    return ScoreSource(fn=wrapped, params=None, needs_labels=needs_labels, kind=kind, name=name)
-
-
 # --------------------------------------------------------------------------- denoiser network
 
 

@@ -70,7 +70,7 @@ def test_outputs_are_complete(physics_run):
     for name in ("config.json", "results.csv", "regimes.json", "summary.json", "figure3.png", "gradients_noise.png",
                  "gradients_gradnorm.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    assert set(experiment.RESULT_COLUMNS) <= set(rows[0])
+    assert set(experiment.result_columns(PHYSICS.measure)) == set(rows[0])
     assert rows[0]["lpips_alignment"] == "" and rows[0]["diverged"] == "false"
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["settings"]["strengths"] == {m: list(v) for m, v in PHYSICS_STRENGTHS.items()}

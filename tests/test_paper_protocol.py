@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagjax import measure
+from pagjax import measure, metrics
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_sweep_alignment_curve_follows_the_protocol(protocol, column):
     curves, _ = experiment.method_curves(rows, cfg, "noise", 4)
     assert curves["alignment_column"] == column
     summary = experiment.summarize(curves, None, "noise")
-    assert summary["alignment"] == experiment.ALIGNMENT_LABELS[column]
+    assert summary["alignment"] == metrics.alignment_labels()[column]
     # the peak is where the chosen protocol peaks: the strongest model (default), the weakest (paper)
     assert summary["peak_at"] == (1.0 if protocol == "default" else 0.1)
     with pytest.raises(ValueError):
