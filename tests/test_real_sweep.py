@@ -97,6 +97,18 @@ def test_sweep_cli_accepts_real_datasets(tmp_path, capsys):
     assert cfg.dataset == "digits" and cfg.dataset_kwargs == {} and cfg.learned.ae_latent == 8
     assert cfg.steps == 600 and cfg.strengths["noise"][0] == 0.01
     cfg.validate()
+    # Fashion-MNIST and CIFAR-10: the defaults the README's table gives
+    for name in ("fashion_mnist", "cifar10"):
+        cfg = sweep_eps.config_from_args(sweep_eps.parse_args(["--dataset", name, "--data-dir", TINY_TFDS_DIR]))
+        lc = cfg.learned
+        assert (cfg.model, cfg.steps, cfg.batch_size, cfg.n_train, cfg.n_test) == ("mlp:width=256", 1000, 128, 8192, 1024)
+        assert cfg.strengths["noise"] == (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0) and cfg.strengths["gradnorm"][-1] == 100
+        assert (lc.ae_arch, lc.ae_latent, lc.ae_features, lc.ae_upsample, lc.ae_steps) == ("conv", 128, (32, 64),
+                                                                                           "nearest", 2000)
+        assert (lc.den_arch, lc.den_width, lc.den_depth, lc.den_steps, lc.score_backend) == ("conv", 64, 3, 2000,
+                                                                                             "denoiser")
+        assert (lc.sm_channels, lc.sm_steps, cfg.checkpoint_every) == ((32, 64), 2000, 200)
+        cfg.validate()  # prepared under tests/data/tfds
     t = time.perf_counter()
     rc = sweep_eps.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2 and time.perf_counter() - t < 5
