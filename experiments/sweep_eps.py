@@ -96,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pagjax.experiment import DEFAULT_STRENGTHS, SweepConfig
+    from pagjax.experiment import DEFAULT_STRENGTHS
     from pagjax.training import PAPER_SGD
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
@@ -149,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded. They round differently, so "
                         "the resolved strategy is recorded and a resume must use the same")
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
+    from pagjax.experiment import SweepConfig  # its default: one place for it
+
     p.add_argument("--checkpoint-every", type=int, default=SweepConfig.checkpoint_every,
                    help="steps between the checkpoints of every training; a rerun resumes from the last one "
                         "(lower it where steps are slow, e.g. CIFAR-10 on a CPU)")

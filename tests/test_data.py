@@ -122,7 +122,7 @@ def test_real_prepared_tfds_mnist_reads_exactly_what_was_written(monkeypatch):
 
 
 @pytest.mark.parametrize("name, shape", [("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
-def test_real_prepared_tfds_fashion_mnist_and_cifar10_read_exactly_what_was_written(name, shape):
+def test_real_prepared_tfds_fashion_mnist_and_cifar10_read_exactly_what_was_written(name, shape, monkeypatch, capsys):
     train, test = _tiny_written(name)
     assert data.main(["check", name, "--data-dir", TINY_TFDS_DIR]) == 0
     d = data.load_splits(name, data_dir=TINY_TFDS_DIR)
@@ -136,6 +136,14 @@ def test_real_prepared_tfds_fashion_mnist_and_cifar10_read_exactly_what_was_writ
     batches = list(data.stream_batches(name, batch_size=4, seed=1, data_dir=TINY_TFDS_DIR, num_steps=5))
     xs, ys = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     assert xs.shape == (20, *shape) and _as_written(xs, ys) == train
+    # with a progress bar the images are read chunk by chunk: the same arrays
+    monkeypatch.setattr(data, "READ_CHUNK", 3)
+    x, y = data.load_dataset(name, split="test", data_dir=TINY_TFDS_DIR, max_examples=8, seed=4, progress=True)
+    x0, y0 = data.load_dataset(name, split="test", data_dir=TINY_TFDS_DIR, max_examples=8, seed=4)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(y, y0)
+    err = capsys.readouterr().err
+    assert f"loading {name} test: 100%" in err and "8/8" in err
 
 
 # --------------------------------------------------------------------------- checks before downloading
