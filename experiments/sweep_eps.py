@@ -4,7 +4,11 @@
     python -m experiments.sweep_eps --methods noise --strengths 0,0.1,1 --seeds 0
     python -m experiments.sweep_eps --log-range 1e-3,10,7 --methods gradnorm
     python -m experiments.sweep_eps --dataset digits     # real images, offline (learned geometry)
+    python -m experiments.sweep_eps --dataset fashion_mnist --data-dir ~/tensorflow_datasets
     python -m experiments.sweep_eps --dataset cifar10 --data-dir ~/tensorflow_datasets --model resnet18
+
+A killed run resumes when the same command is run again: every training (classifiers,
+autoencoder, denoiser, score model) is checkpointed every --checkpoint-every steps.
 
 The default run trains 4 methods x 6 strengths x 2 seeds = 48 MLPs on the built-in
 linear known-manifold data (no download) and should show, for every method, the weak ->
@@ -146,7 +150,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded. They round differently, so "
                         "the resolved strategy is recorded and a resume must use the same")
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from pagjax.experiment import SweepConfig  # its default: one place for it
+
+    p.add_argument("--checkpoint-every", type=int, default=SweepConfig.checkpoint_every,
+                   help="steps between the checkpoints of every training; a rerun resumes from the last one "
+                        "(lower it where steps are slow, e.g. CIFAR-10 on a CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the phase lines are still printed)")
     return p.parse_args(argv)
 
 
@@ -203,7 +212,7 @@ def config_from_args(args: argparse.Namespace):
                        optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps,
                        official_grad_accumulation=args.official_grad_accumulation,
                        official_bn_updates=args.official_bn_updates, measure=measure,
-                       strategy=args.strategy, augment=args.augment, **extra)
+                       strategy=args.strategy, augment=args.augment, checkpoint_every=args.checkpoint_every, **extra)
 
 
 def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:

@@ -396,21 +396,30 @@ class SweepData:
     manifold: object | None
 
 
-def load_data(config: SweepConfig) -> SweepData:
+def load_data(config: SweepConfig, *, progress: bool = False, log: Callable[[str], None] | None = None) -> SweepData:
     """The sweep's dataset: a built-in known manifold generated from `data_seed`, or a real
-    dataset (`pagjax.data`, at most n_train / n_test images chosen by `data_seed`)."""
+    dataset (`pagjax.data`, at most n_train / n_test images chosen by `data_seed`).
+    ``progress``: a bar while tfds images are read; ``log``: one line saying what was loaded."""
+    t = time.perf_counter()
     if config.is_real:
         from pagjax import data as data_lib
 
         d = data_lib.load_splits(config.dataset, n_train=config.n_train, n_test=config.n_test, data_dir=config.data_dir,
-                                 download=config.download, image_size=config.image_size, seed=config.data_seed)
-        return SweepData(d.x_train, d.y_train, d.x_test, d.y_test, None, d.num_classes, None)
-    from pagjax.manifolds import build_manifold, make_dataset
+                                 download=config.download, image_size=config.image_size, seed=config.data_seed,
+                                 progress=progress)
+        out = SweepData(d.x_train, d.y_train, d.x_test, d.y_test, None, d.num_classes, None)
+    else:
+        from pagjax.manifolds import build_manifold, make_dataset
 
-    manifold = build_manifold(config.dataset, key=config.data_seed, **config.dataset_kwargs)
-    d = make_dataset(manifold, jax.random.key(config.data_seed + 1), config.n_train, config.n_test)
-    return SweepData(np.asarray(d.x_train), np.asarray(d.y_train), np.asarray(d.x_test), np.asarray(d.y_test),
-                     np.asarray(d.z_test), manifold.num_classes, manifold)
+        manifold = build_manifold(config.dataset, key=config.data_seed, **config.dataset_kwargs)
+        d = make_dataset(manifold, jax.random.key(config.data_seed + 1), config.n_train, config.n_test)
+        out = SweepData(np.asarray(d.x_train), np.asarray(d.y_train), np.asarray(d.x_test), np.asarray(d.y_test),
+                        np.asarray(d.z_test), manifold.num_classes, manifold)
+    if log is not None:
+        shape = "x".join(str(v) for v in out.x_train.shape[1:])
+        log(f"data: {config.dataset}, {out.x_train.shape[0]} train + {out.x_test.shape[0]} test examples of "
+            f"shape {shape}, loaded in {time.perf_counter() - t:.1f} s")
+    return out
 
 
 def _method_points(config: SweepConfig, method: str):
@@ -419,8 +428,16 @@ def _method_points(config: SweepConfig, method: str):
     return strengths, seeds
 
 
+def _log_resume(ckpt: io_lib.Checkpointer, what: str, total: int, log: Callable[[str], None] | None) -> None:
+    """Say that a training resumes, and where, before its (possibly long) compilation; a
+    checkpoint that then fails its check is set aside with its own warning."""
+    step = ckpt.latest_step()
+    if log is not None and step:
+        log(f"{what}: resuming from the checkpoint at step {step} of {total}")
+
+
 def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str,
-                 progress: Callable | None = None) -> sweep.SweepState:
+                 progress: Callable | None = None, log: Callable[[str], None] | None = None) -> sweep.SweepState:
     """Train all (strength, seed) models of one method, resuming from its checkpoint."""
     model = models_lib.build_model(config.model, data.num_classes)
     objective = objectives_lib.make_objective(
@@ -432,6 +449,7 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
     optimizer = training.make_optimizer(config.optimizer, config.steps)
     strengths, seeds = _method_points(config, method)
     ckpt = io_lib.Checkpointer(os.path.join(out_dir, "checkpoints", method))
+    _log_resume(ckpt, method, config.steps, log)
     try:
         return sweep.train_models(model, objective, optimizer, data.x_train, data.y_train, strengths, seeds,
                                   steps=config.steps, batch_size=config.batch_size, strategy=config.strategy,
@@ -442,13 +460,14 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
 
 
 @contextlib.contextmanager
-def _training_checkpointer(root: str, what: str, settings: dict):
+def _training_checkpointer(root: str, what: str, settings: dict, log: Callable[[str], None] | None = None):
     """Checkpoints of one learned model's training, in a folder named by its settings, so a
     killed run resumes and a run with other settings starts afresh; removed once done."""
     from pagjax import scores as scores_lib
 
     path = os.path.join(root, "training", f"{what}-{scores_lib.fingerprint(json.loads(json.dumps(settings)))}")
     ckpt = io_lib.Checkpointer(path)
+    _log_resume(ckpt, what, settings["steps"], log)
     try:
         yield ckpt
     finally:
@@ -486,7 +505,10 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
             log("autoencoder: loaded from cache")
     if ae is None:
         t = time.perf_counter()
-        with _training_checkpointer(root, "autoencoder", ae_settings) as ckpt:
+        # said first: building a conv autoencoder compiles for seconds before its bar appears
+        log(f"autoencoder: training {lc.ae_steps} steps ({lc.ae_arch}, {lc.ae_latent} latents) on "
+            f"{data.x_train.shape[0]} images")
+        with _training_checkpointer(root, "autoencoder", ae_settings, log) as ckpt:
             ae = ae_lib.train_autoencoder(jnp.asarray(data.x_train), latent_dim=lc.ae_latent, steps=lc.ae_steps,
                                           key=jax.random.key(lc.seed), learning_rate=lc.ae_lr, arch=lc.ae_arch,
                                           hidden=lc.ae_hidden, features=lc.ae_features,
@@ -495,13 +517,19 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
                                           progress="autoencoder" if progress else None)
         ae_lib.save_autoencoder(ae_dir, ae, extra=ae_settings)
         log(f"autoencoder: trained {lc.ae_steps} steps in {time.perf_counter() - t:.0f} s, final mse {float(ae.losses[-1]):.4f}")
+    def tangent_basis():
+        t = time.perf_counter()
+        tb = ae_lib.learned_tangent_basis(ae, x_eval, method=lc.basis_method, example_chunk=32)
+        log(f"tangent basis: {n} eval images from the decoder Jacobian in {time.perf_counter() - t:.0f} s")
+        return tb
+
     tb = geometry.cached_tangent_basis(
         os.path.join(root, "tangent_basis.npz"), {**ae_settings, "num_eval": n, "method": lc.basis_method},
-        lambda: ae_lib.learned_tangent_basis(ae, x_eval, method=lc.basis_method, example_chunk=32))
+        tangent_basis)
 
     s = float(mc.align_noise)
     if lc.score_backend == "score_model":
-        return {"basis": tb.basis, **_score_model_maps(config, data, root, data_id, x_eval, y_eval, log)}
+        return {"basis": tb.basis, **_score_model_maps(config, data, root, data_id, x_eval, y_eval, log, progress)}
     den_settings = {**data_id, "noise": s, "arch": lc.den_arch, "width": lc.den_width, "depth": lc.den_depth,
                     "steps": lc.den_steps, "lr": lc.den_lr, "seed": lc.seed}
     den_dir = os.path.join(root, "denoiser")
@@ -512,10 +540,11 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
         log("denoiser: loaded from cache")
     if den is None:
         t = time.perf_counter()
+        log(f"denoiser: training {lc.den_steps} steps ({lc.den_arch}, width {lc.den_width}) at noise {s:g}")
         k = data.num_classes
         x2 = jnp.concatenate([jnp.asarray(data.x_train)] * 2)
         y2 = jnp.concatenate([jnp.asarray(data.y_train, jnp.int32), jnp.full((data.x_train.shape[0],), k, jnp.int32)])
-        with _training_checkpointer(root, "denoiser", den_settings) as ckpt:
+        with _training_checkpointer(root, "denoiser", den_settings, log) as ckpt:
             den = scores_lib.train_denoiser(x2, y2, noise_levels=s, steps=lc.den_steps,
                                             key=jax.random.key(lc.seed + 1), conditional=True, num_classes=k + 1,
                                             learning_rate=lc.den_lr, width=lc.den_width, depth=lc.den_depth,
@@ -532,7 +561,8 @@ def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Ca
     return {"basis": tb.basis, "score_maps": class_score, "learned_bayes_maps": class_score - uncond}
 
 
-def _score_model_maps(config: SweepConfig, data: SweepData, root: str, data_id: dict, x_eval, y_eval, log) -> dict:
+def _score_model_maps(config: SweepConfig, data: SweepData, root: str, data_id: dict, x_eval, y_eval, log,
+                      progress: bool = True) -> dict:
     """`learned_geometry`'s score maps from the EDM score model (cached in ``learned/score_model``)."""
     from pagjax import score_model as sm_lib
 
@@ -540,12 +570,15 @@ def _score_model_maps(config: SweepConfig, data: SweepData, root: str, data_id: 
     smc = sm_lib.ScoreModelConfig(channels=tuple(lc.sm_channels), steps=lc.sm_steps, num_classes=data.num_classes)
     model = sm_lib.cached_score_model(os.path.join(root, "score_model"), jnp.asarray(data.x_train),
                                       jnp.asarray(data.y_train), smc, jax.random.key(lc.seed + 1),
-                                      {**data_id, "seed": lc.seed}, log=log)
+                                      {**data_id, "seed": lc.seed}, log=log,
+                                      checkpoint_every=config.checkpoint_every,
+                                      progress="score model" if progress else None)
     maps = sm_lib.reference_maps(model, x_eval, y_eval, align_noise=config.measure.align_noise,
                                  paper_noise=config.measure.paper_noise)
     if lc.sm_bayes == "classifier":  # cheap (an MLP): trained afresh, not cached
         clf = sm_lib.train_noise_classifier(jnp.asarray(data.x_train), jnp.asarray(data.y_train), data.num_classes,
-                                            smc, jax.random.key(lc.seed + 2))
+                                            smc, jax.random.key(lc.seed + 2),
+                                            progress="noise classifier" if progress else None)
         maps["learned_bayes_maps"] = sm_lib.classifier_bayes_gradient(clf, x_eval, config.measure.align_noise, y_eval)
         log("score model: learned Bayes gradient from a noise-conditional classifier")
     return maps
@@ -804,7 +837,7 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     config.validate()
     prepare_output(out_dir, config, overwrite)
     t0 = time.perf_counter()
-    data = load_data(config)
+    data = load_data(config, progress=progress, log=log)
     evalset = make_eval_set(config, data, out_dir, log, progress)
     rows_by_method, grids_by_method = {}, {}
     total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
@@ -833,10 +866,14 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
             bar.set_postfix_str(f"{method} step {p.step}/{p.total_steps} loss {np.nanmean(p.metrics['loss']):.3f} "
                                 f"acc {np.nanmean(p.metrics['accuracy']):.3f}")
 
-        state = train_method(config, method, data, out_dir, progress=on_progress)
+        t = time.perf_counter()
+        bar.set_postfix_str(f"{method}: compiling")  # the first chunk of a conv net can take a minute on a CPU
+        state = train_method(config, method, data, out_dir, progress=on_progress, log=log)
         if seen[0] == 0:  # restored a finished checkpoint
             bar.update(k * config.steps)
+        bar.set_postfix_str(f"{method}: measuring {k} models")
         rows, grids = measure_method(config, method, state, evalset, data)
+        log(f"{method}: {k} models trained and measured in {time.perf_counter() - t:.0f} s")
         io_lib.save_npz(grid_file, grads=grids)
         io_lib.write_json(point_file, rows)
         rows_by_method[method], grids_by_method[method] = rows, grids

@@ -574,10 +574,11 @@ def reference_maps(model: ScoreModel, x: Array, y: Array, *, align_noise: float,
 
 
 def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelConfig, key: Array, settings: dict,
-                       log=print) -> ScoreModel:
+                       log=print, *, checkpoint_every: int = 500, progress="score model") -> ScoreModel:
     """The score model saved in ``directory/model`` when it was trained with ``settings``
     (JSON-able: the data's identity and everything that shapes training), else trained
-    (checkpointed in ``directory/ckpt``, so a killed run resumes) and saved."""
+    (checkpointed every ``checkpoint_every`` steps in ``directory/ckpt``, so a killed run
+    resumes) and saved. ``progress``: the engine's (a bar's name, a callback or None)."""
     import json
     import os
     import time
@@ -592,6 +593,7 @@ def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelCon
             log("score model: loaded from cache")
             return model
     t = time.perf_counter()
+    log(f"score model: training {config.steps} steps (U-Net, channels {list(config.channels)})")
     ck_dir = os.path.join(directory, "ckpt")
     ck_settings = os.path.join(directory, "ckpt_settings.json")
     # resume only a run with the same settings; another run's checkpoints are discarded
@@ -602,8 +604,11 @@ def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelCon
     os.makedirs(directory, exist_ok=True)
     io_lib.write_json(ck_settings, settings)
     ck = io_lib.Checkpointer(ck_dir)
+    if ck.latest_step():  # said before the compilation, which can take a while
+        log(f"score model: resuming from the checkpoint at step {ck.latest_step()} of {config.steps}")
     try:
-        model, res = train_score_model(x, y, config, key, checkpointer=ck, checkpoint_every=500)
+        model, res = train_score_model(x, y, config, key, checkpointer=ck, checkpoint_every=checkpoint_every,
+                                       progress=progress)
     finally:
         ck.close()
     save_score_model(model_dir, model, extra=settings)

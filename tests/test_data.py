@@ -73,27 +73,31 @@ def test_tfds_loader_with_mock_data(monkeypatch):
 # --------------------------------------------------------------------------- a real tfds dataset on disk
 
 TESTS_DATA = pathlib.Path(__file__).parent / "data"
-TINY_TFDS_DIR = str(TESTS_DATA / "tfds")  # written by tfds's mnist builder (make_tiny_mnist.py)
+# written by tfds's own mnist, fashion_mnist and cifar10 builders (make_tiny_tfds.py)
+TINY_TFDS_DIR = str(TESTS_DATA / "tfds")
 
 
-def _tiny_mnist_written():
-    """What make_tiny_mnist.py wrote: {image bytes: label} per split (tfds shuffles the order)."""
-    spec = importlib.util.spec_from_file_location("make_tiny_mnist", TESTS_DATA / "make_tiny_mnist.py")
+def _tiny_written(name):
+    """What make_tiny_tfds.py wrote for `name`: {image bytes: label} per split (tfds shuffles the order)."""
+    spec = importlib.util.spec_from_file_location("make_tiny_tfds", TESTS_DATA / "make_tiny_tfds.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    x_train, y_train, x_test, y_test = module.tiny_mnist()
+    x_train, y_train, x_test, y_test = module.tiny_dataset(name)
     as_dict = lambda x, y: {im.tobytes(): int(label) for im, label in zip(x, y)}  # noqa: E731
     return as_dict(x_train, y_train), as_dict(x_test, y_test)
 
 
 def _as_written(x, y):
-    """Read float images back to the uint8 bytes they were written from, with their labels."""
-    u8 = np.round(x[..., 0] * 255).astype(np.uint8)
+    """Read float images back to the uint8 bytes they were written from, with their labels
+    (grey images were written without their channel axis)."""
+    u8 = np.round(x * 255).astype(np.uint8)
+    if u8.shape[-1] == 1:
+        u8 = u8[..., 0]
     return {im.tobytes(): int(label) for im, label in zip(u8, y)}
 
 
 def test_real_prepared_tfds_mnist_reads_exactly_what_was_written(monkeypatch):
-    train, test = _tiny_mnist_written()
+    train, test = _tiny_written("mnist")
     data.check_available("mnist", data_dir=TINY_TFDS_DIR)
     d = data.load_splits("mnist", data_dir=TINY_TFDS_DIR)
     assert d.x_train.shape == (20, 28, 28, 1) and d.x_test.shape == (10, 28, 28, 1)
@@ -113,8 +117,33 @@ def test_real_prepared_tfds_mnist_reads_exactly_what_was_written(monkeypatch):
     monkeypatch.setattr(data, "check_can_download", lambda *a, **k: pytest.fail("checked for a download"))
     assert data.load_splits("mnist", data_dir=TINY_TFDS_DIR, n_train=3, n_test=2, download=True).x_train.shape[0] == 3
     assert data.main(["check", "mnist", "--data-dir", TINY_TFDS_DIR]) == 0
-    with pytest.raises(data.DatasetUnavailableError, match="not prepared"):  # only mnist is there
-        data.check_available("fashion_mnist", data_dir=TINY_TFDS_DIR)
+    with pytest.raises(data.DatasetUnavailableError, match="not prepared"):  # only the three small ones are there
+        data.check_available("imagenet64", data_dir=TINY_TFDS_DIR)
+
+
+@pytest.mark.parametrize("name, shape", [("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_real_prepared_tfds_fashion_mnist_and_cifar10_read_exactly_what_was_written(name, shape, monkeypatch, capsys):
+    train, test = _tiny_written(name)
+    assert data.main(["check", name, "--data-dir", TINY_TFDS_DIR]) == 0
+    d = data.load_splits(name, data_dir=TINY_TFDS_DIR)
+    assert d.x_train.shape == (20, *shape) and d.x_test.shape == (10, *shape)
+    assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int32 and d.num_classes == 10
+    assert d.x_train.min() == 0.0 and d.x_train.max() == 1.0
+    # every image read back, pixel for pixel (CIFAR-10's channel-major records as HWC), with its label
+    assert _as_written(d.x_train, d.y_train) == train
+    assert _as_written(d.x_test, d.y_test) == test
+    assert not set(train) & set(_tiny_written("mnist")[0])  # each dataset its own images
+    batches = list(data.stream_batches(name, batch_size=4, seed=1, data_dir=TINY_TFDS_DIR, num_steps=5))
+    xs, ys = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    assert xs.shape == (20, *shape) and _as_written(xs, ys) == train
+    # with a progress bar the images are read chunk by chunk: the same arrays
+    monkeypatch.setattr(data, "READ_CHUNK", 3)
+    x, y = data.load_dataset(name, split="test", data_dir=TINY_TFDS_DIR, max_examples=8, seed=4, progress=True)
+    x0, y0 = data.load_dataset(name, split="test", data_dir=TINY_TFDS_DIR, max_examples=8, seed=4)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(y, y0)
+    err = capsys.readouterr().err
+    assert f"loading {name} test: 100%" in err and "8/8" in err
 
 
 # --------------------------------------------------------------------------- checks before downloading

@@ -97,7 +97,130 @@ def test_sweep_cli_accepts_real_datasets(tmp_path, capsys):
     assert cfg.dataset == "digits" and cfg.dataset_kwargs == {} and cfg.learned.ae_latent == 8
     assert cfg.steps == 600 and cfg.strengths["noise"][0] == 0.01
     cfg.validate()
+    # Fashion-MNIST and CIFAR-10: the defaults the README's table gives
+    for name in ("fashion_mnist", "cifar10"):
+        cfg = sweep_eps.config_from_args(sweep_eps.parse_args(["--dataset", name, "--data-dir", TINY_TFDS_DIR]))
+        lc = cfg.learned
+        assert (cfg.model, cfg.steps, cfg.batch_size, cfg.n_train, cfg.n_test) == ("mlp:width=256", 1000, 128, 8192, 1024)
+        assert cfg.strengths["noise"] == (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0) and cfg.strengths["gradnorm"][-1] == 100
+        assert (lc.ae_arch, lc.ae_latent, lc.ae_features, lc.ae_upsample, lc.ae_steps) == ("conv", 128, (32, 64),
+                                                                                           "nearest", 2000)
+        assert (lc.den_arch, lc.den_width, lc.den_depth, lc.den_steps, lc.score_backend) == ("conv", 64, 3, 2000,
+                                                                                             "denoiser")
+        assert (lc.sm_channels, lc.sm_steps, cfg.checkpoint_every) == ((32, 64), 2000, 200)
+        cfg.validate()  # prepared under tests/data/tfds
     t = time.perf_counter()
     rc = sweep_eps.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2 and time.perf_counter() - t < 5
     assert "python -m pagjax.data download mnist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- tfds data through the command line
+
+TINY_TFDS_DIR = os.path.join(os.path.dirname(__file__), "data", "tfds")  # make_tiny_tfds.py: 20 + 10 images each
+# The sweep command with each dataset's own defaults (conv autoencoder and width-64 conv
+# denoiser, 128 latents unless given), only shortened: 4 steps everywhere, a checkpoint
+# every 2, so a kill after the first checkpoint leaves work to resume.
+TINY_CLI = ["--methods", "noise", "--strengths", "0,1", "--seeds", "0", "--steps", "4", "--batch-size", "10",
+            "--ae-steps", "4", "--denoiser-steps", "4", "--ae-latent", "4", "--no-lpips", "--model", "mlp:width=16",
+            "--checkpoint-every", "2", "--data-dir", TINY_TFDS_DIR]
+
+
+class Killed(BaseException):
+    """Stands for a kill or Ctrl-C right after a checkpoint: nothing in the sweep catches it."""
+
+
+@pytest.fixture
+def checkpoints(monkeypatch):
+    """`kill_after(folder, step)` makes the save of `step` into a checkpoint folder whose name
+    starts with `folder` the last thing a run does; `restored` records (folder, step) of every
+    restore (step None: nothing to restore, a fresh start)."""
+    from pagjax import io as io_lib
+
+    save, restore = io_lib.Checkpointer.save, io_lib.Checkpointer.restore_latest
+    kill, restored = {}, []
+
+    def save_then_die(self, step, tree):
+        save(self, step, tree)
+        if os.path.basename(self.directory).startswith(kill.get("folder", "\0")) and step == kill["step"]:
+            kill.clear()
+            raise Killed(f"killed after the checkpoint of step {step} in {self.directory}")
+
+    def recording(self, like):
+        out = restore(self, like)
+        restored.append((os.path.basename(self.directory).split("-")[0], None if out is None else out[0]))
+        return out
+
+    monkeypatch.setattr(io_lib.Checkpointer, "save", save_then_die)
+    monkeypatch.setattr(io_lib.Checkpointer, "restore_latest", recording)
+
+    class Control:
+        def kill_after(self, folder, step):
+            kill.update(folder=folder, step=step)
+
+    control = Control()
+    control.restored = restored
+    return control
+
+
+def _results(out):
+    with open(os.path.join(out, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_cifar10_sweep_from_the_command_line_shows_every_phase_and_resumes_a_killed_run(tmp_path, capsys, checkpoints):
+    from experiments import sweep_eps
+
+    out = str(tmp_path / "cifar10")
+    argv = ["--dataset", "cifar10", "--out", out, *TINY_CLI]
+    checkpoints.kill_after("noise", 2)  # the classifiers' first checkpoint, after every learned phase
+    with pytest.raises(Killed):
+        sweep_eps.main(argv)
+    first = capsys.readouterr()
+    # each phase said it started and moved: data, autoencoder, tangent basis, denoiser, the method
+    assert "loading cifar10 train" in first.err and "loading cifar10 test" in first.err
+    assert "data: cifar10, 20 train + 10 test examples of shape 32x32x3" in first.out
+    assert "autoencoder: training 4 steps (conv, 4 latents)" in first.out and "autoencoder: 100%" in first.err
+    assert "tangent basis: 10 eval images" in first.out
+    assert "denoiser: training 4 steps (conv, width 64)" in first.out and "denoiser: 100%" in first.err
+    assert "noise: compiling" in first.err  # killed right after its checkpoint, before the bar moved
+    assert not os.path.exists(os.path.join(out, "results.csv"))
+
+    assert sweep_eps.main(argv) == 0  # the same command again
+    second = capsys.readouterr()
+    assert "autoencoder: loaded from cache" in second.out and "denoiser: loaded from cache" in second.out
+    assert "noise: resuming from the checkpoint at step 2 of 4" in second.out
+    assert ("noise", 2) in checkpoints.restored  # from the checkpoint, not from step 0
+    assert "noise step 4/4" in second.err and "noise step 2/4" not in second.err
+    assert "noise: 2 models trained and measured" in second.out
+    rows = _results(out)
+    assert [(r["method"], float(r["strength"])) for r in rows] == [("noise", 0.0), ("noise", 1.0)]
+    assert all(r["accuracy"] != "" and r["learned_bayes_cosine"] != "" for r in rows)
+    for name in ("figure3.png", "gradients_noise.png", "learned/autoencoder/config.json"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+
+@pytest.mark.slow
+def test_fashion_mnist_sweep_resumes_a_run_killed_while_learning_its_score(tmp_path, capsys, checkpoints):
+    from experiments import sweep_eps
+
+    out = str(tmp_path / "fashion_mnist")
+    argv = ["--dataset", "fashion_mnist", "--out", out, *TINY_CLI]
+    checkpoints.kill_after("denoiser", 2)
+    with pytest.raises(Killed):
+        sweep_eps.main(argv)
+    first = capsys.readouterr()
+    assert "loading fashion_mnist train" in first.err
+    assert "data: fashion_mnist, 20 train + 10 test examples of shape 28x28x1" in first.out
+    assert "autoencoder: trained 4 steps" in first.out and "denoiser: trained" not in first.out
+
+    assert sweep_eps.main([*argv, "--no-progress"]) == 0  # --no-progress: the phase lines, no bars
+    second = capsys.readouterr()
+    assert "data: fashion_mnist, 20 train + 10 test" in second.out and "loading" not in second.err
+    assert "autoencoder: loaded from cache" in second.out
+    assert "denoiser: resuming from the checkpoint at step 2 of 4" in second.out
+    assert ("denoiser", 2) in checkpoints.restored
+    assert "denoiser: trained 4 steps" in second.out and "noise: 2 models trained and measured" in second.out
+    assert "%|" not in second.err
+    assert len(_results(out)) == 2
