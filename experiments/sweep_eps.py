@@ -12,7 +12,7 @@ autoencoder, denoiser, score model) is checkpointed every --checkpoint-every ste
 
 The default run trains 4 methods x 6 strengths x 2 seeds = 48 MLPs on the built-in
 linear known-manifold data (no download) and should show, for every method, the weak ->
-Bayes-aligned -> excessive sequence (README, "The main job").
+Bayes-aligned -> excessive sequence (docs/results.md; flags and outputs: docs/sweep.md).
 """
 from __future__ import annotations
 

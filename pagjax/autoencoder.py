@@ -35,7 +35,7 @@ ARCHS = ("mlp", "conv")
 # "nearest"/"bilinear": a 2x resize, then a 3x3 convolution with the same parameters. On
 # XLA:CPU a training step dispatched from Python is about 6x faster with resize + conv
 # (the transposed convolution is a convolution of a 2x-dilated input, which XLA:CPU runs
-# slowly), but inside a `lax.scan` training loop it was slower (README "Benchmarks",
+# slowly), but inside a `lax.scan` training loop it was slower (docs/benchmarks.md,
 # benchmarks/bench_engine.py): choose "nearest" where the steps are looped on the host.
 UPSAMPLES = ("transpose", "nearest", "bilinear")
 

@@ -259,7 +259,7 @@ def _paper_grid(lo: int, hi: int) -> tuple[float, ...]:
     return tuple(float(v) for v in np.logspace(lo, hi, 30))
 
 
-# Grids, found by probe runs (README):
+# Grids, found by probe runs (docs/results.md):
 # known: each spans weak -> Bayes-aligned -> excessive on linear_default.
 # digits (8x8, MLP width 256, 600 steps): noise and PGD reach accuracy 0.98-0.99 up to 0.3,
 #   lose accuracy at 1-3 (PGD at eps 3 collapses to chance); the gradient's on-manifold

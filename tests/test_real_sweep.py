@@ -97,7 +97,7 @@ def test_sweep_cli_accepts_real_datasets(tmp_path, capsys):
     assert cfg.dataset == "digits" and cfg.dataset_kwargs == {} and cfg.learned.ae_latent == 8
     assert cfg.steps == 600 and cfg.strengths["noise"][0] == 0.01
     cfg.validate()
-    # Fashion-MNIST and CIFAR-10: the defaults the README's table gives
+    # Fashion-MNIST and CIFAR-10: the defaults docs/real_images.md's table gives
     for name in ("fashion_mnist", "cifar10"):
         cfg = sweep_eps.config_from_args(sweep_eps.parse_args(["--dataset", name, "--data-dir", TINY_TFDS_DIR]))
         lc = cfg.learned
