@@ -107,6 +107,7 @@ def prepare_output(out_dir: str, config: SweepConfig, overwrite: bool) -> None:
 def load_points(config: SweepConfig, method: str, point_file: str, grid_file: str, data) -> tuple[list[dict], np.ndarray]:
     """A finished method's rows and gradient grids, checked against the settings.
 
+    ``data``: the sweep's data (`pagjax.sweep_data.SweepData`; only ``x_test``'s shape is read).
     Raises `pagjax.io.DamagedFileError` naming the file when it is unreadable or does not
     hold exactly one row per (strength, seed) of `method` (e.g. ``[]``) or grids of the
     expected shape; `FileNotFoundError` when one of the pair is missing.

@@ -193,3 +193,12 @@ def test_purpose_keys_are_fold_in_of_the_crc32_and_stable_across_processes():
     env = {**os.environ, "PYTHONHASHSEED": "123", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == expected
+
+
+def test_a_damaged_score_cache_file_is_a_miss(tmp_path):
+    from pagjax import scores
+
+    scores.ScoreCache(directory=str(tmp_path)).put("k", np.ones(3))
+    open(tmp_path / "k.npz", "wb").write(b"garbage")
+    with pytest.warns(RuntimeWarning, match="k.npz is damaged"):
+        assert scores.ScoreCache(directory=str(tmp_path)).get("k") is None
