@@ -120,7 +120,7 @@ def _restore_method(config, method: str, data, sweep_dir: str):
         return None
     model = models_lib.build_model(config.model, data.num_classes)
     optimizer = training.make_optimizer(config.optimizer, config.steps)
-    strengths, seeds = experiment._method_points(config, method)
+    strengths, seeds = experiment.method_points(config, method)
     init = sweep.init_sweep_state(model, optimizer, strengths, seeds, jnp.asarray(data.x_train[: config.batch_size]))
     ckpt = io_lib.Checkpointer(path)
     try:

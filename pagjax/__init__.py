@@ -30,7 +30,10 @@ Every module is importable on its own; the main ones beside these:
 quantities), `pagjax.scores` (exact and learned scores), `pagjax.robustness` (on/off-manifold
 change, the gradient's on-manifold fraction), `pagjax.geometry` (tangent spaces),
 `pagjax.sweep` (many models at once), `pagjax.devices` (meshes), `pagjax.data` (real
-images), `pagjax.generate`, `pagjax.distractor`, `pagjax.plots`, `pagjax.io`.
+images), `pagjax.generate`, `pagjax.distractor`, `pagjax.plots`, `pagjax.io`,
+`pagjax.cache` (settings-keyed disk cache), `pagjax.keys` (keys for named purposes), and
+the sweep: `pagjax.experiment` (`run_sweep`) composed of `pagjax.sweep_config`,
+`pagjax.sweep_data`, `pagjax.learned`, `pagjax.results` and `pagjax.outputs`.
 """
 from pagjax.gradients import input_gradients, value_and_input_gradients
 from pagjax.alignment import AlignmentResult

@@ -17,9 +17,7 @@ instead of one backward pass per *output pixel*.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pagjax import cache as cache_lib
 from pagjax import io as io_lib
 from pagjax import validation
 
@@ -363,72 +362,42 @@ def _principal_angles(a, b):
 # --------------------------------------------------------------------------- disk cache
 
 
-def _canonical_settings(settings: dict) -> str:
-    if not isinstance(settings, dict):
-        raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
-
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray) and o.size <= 64:
-            return o.tolist()
-        raise TypeError(type(o).__name__)
-
-    try:
-        return json.dumps(settings, sort_keys=True, default=default)
-    except TypeError as err:
-        raise ValueError(f"settings must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from None
+def _write_npz(tb: TangentBasis, target: str) -> None:
+    with open(target, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, basis=np.asarray(tb.basis), rank=np.asarray(tb.rank))
 
 
-def save_tangent_basis(path: str, tb: TangentBasis, settings: dict) -> None:
-    """Write ``tb`` and its ``settings`` to ``path`` (.npz) and ``path + '.json'``, atomically."""
-    canon = _canonical_settings(settings)
-    arrays = {
-        "basis": np.asarray(tb.basis),
-        "rank": np.asarray(tb.rank),
-        "settings_json": np.asarray(canon),
-    }
-    io_lib.atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
-    meta = {"settings": json.loads(canon), "shape": list(arrays["basis"].shape),
-            "rank_min": int(arrays["rank"].min()) if arrays["rank"].size else 0,
-            "rank_max": int(arrays["rank"].max()) if arrays["rank"].size else 0}
-    io_lib.atomic_write(path + ".json", lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True)), mode="w")
+def _describe(tb: TangentBasis) -> dict:
+    rank = np.asarray(tb.rank)
+    return {"shape": list(np.shape(tb.basis)), "rank_min": int(rank.min()) if rank.size else 0,
+            "rank_max": int(rank.max()) if rank.size else 0}
 
 
-def load_tangent_basis(path: str, settings: dict | None = None) -> TangentBasis | None:
-    """Load a cached basis; None if missing, unreadable, or stored with other ``settings``."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            stored = str(data["settings_json"])
-            basis, rank = data["basis"], data["rank"]
-    except Exception:  # corrupt / partial file: recompute
-        return None
-    if settings is not None and stored != _canonical_settings(settings):
-        return None
+def _read_tangent_basis(path: str) -> TangentBasis:
+    basis, rank = io_lib.load_npz(path, "basis"), io_lib.load_npz(path, "rank")
     return TangentBasis(basis=jnp.asarray(basis), rank=jnp.asarray(rank))
 
 
-def cached_tangent_basis(path: str, settings: dict, compute_fn: Callable[[], TangentBasis]) -> TangentBasis:
+def cached_tangent_basis(path: str, settings: dict, compute_fn: Callable[[], TangentBasis], *,
+                         log: Callable[[str], None] | None = None) -> TangentBasis:
     """Return the tangent basis cached at ``path`` if it was made with ``settings``.
 
     Otherwise call ``compute_fn()`` (returning a `TangentBasis`, or a basis array (n, d, k)
     or (d, k); a shared (d, k) array is kept shared, with a scalar ``rank``), store
-    the result with ``settings`` (npz + a json sidecar, each written to a temp file and
-    moved into place with ``os.replace``), and return it. ``settings`` must be a
-    JSON-serialisable dict describing everything that determines the basis (data, model
-    checkpoint, latent points, rank_tol, ...): compute it once, reuse it for every model.
+    the result with ``settings`` (`pagjax.cache`: the npz, and a record ``path + '.json'``
+    with the settings and a digest, written atomically), and return it. A damaged entry is
+    computed again, said in `log` (or a warning). ``settings`` must be a JSON-serialisable
+    dict describing everything that determines the basis (data, model checkpoint, latent
+    points, rank_tol, ...): compute it once, reuse it for every model.
     """
-    canon = _canonical_settings(settings)
-    hit = load_tangent_basis(path, settings)
-    if hit is not None:
-        return hit
-    tb = compute_fn()
-    if not isinstance(tb, TangentBasis):
-        arr = jnp.asarray(tb)
-        check_basis("compute_fn()", arr)
-        rank = jnp.full(arr.shape[:-2], arr.shape[-1], jnp.int32)
-        tb = TangentBasis(basis=arr, rank=rank)
-    save_tangent_basis(path, tb, json.loads(canon))
-    return tb
+    def compute() -> TangentBasis:
+        tb = compute_fn()
+        if not isinstance(tb, TangentBasis):
+            arr = jnp.asarray(tb)
+            check_basis("compute_fn()", arr)
+            rank = jnp.full(arr.shape[:-2], arr.shape[-1], jnp.int32)
+            tb = TangentBasis(basis=arr, rank=rank)
+        return tb
+
+    return cache_lib.cached(path, settings, compute, _write_npz, _read_tangent_basis, what="tangent basis", log=log,
+                            describe=_describe)

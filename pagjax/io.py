@@ -362,3 +362,11 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def log_resume(ckpt: Checkpointer, what: str, total: int, log: Callable[[str], None] | None) -> None:
+    """Say that a training resumes, and where, before its (possibly long) compilation; a
+    checkpoint that then fails its check is set aside with its own warning."""
+    step = ckpt.latest_step()
+    if log is not None and step:
+        log(f"{what}: resuming from the checkpoint at step {step} of {total}")

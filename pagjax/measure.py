@@ -109,7 +109,8 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
                      basis=None, key=None, score_maps=None, learned_bayes_maps=None,
                      paper_score_maps=None) -> EvalSet:
     """Prepare the evaluation set once. With a known `manifold` the tangent basis, the
-    exact score and Bayes maps and the Bayes-optimal accuracy come from it; otherwise pass a
+    exact score and Bayes maps and the Bayes-optimal accuracy (a Monte-Carlo estimate: pass
+    its `key`, required with a manifold) come from it; otherwise pass a
     learned `basis` (or None to skip the manifold measurements) and optionally learned
     ``score_maps`` / ``learned_bayes_maps`` / ``paper_score_maps`` (a learned unconditional
     score at ``paper_noise``, for the paper's protocol) for the first ``num_eval`` test images."""
@@ -136,7 +137,8 @@ def prepare_eval_set(x_test, y_test, num_classes: int, config: MeasureConfig, *,
         score_maps = manifold.class_score(x, y, s)
         bayes_maps = manifold.bayes_gradient(x, y, s)
         paper_score_maps = manifold.score(x, config.paper_noise)
-        key = key if key is not None else jax.random.key(0)
+        if key is None:
+            raise ValueError("key is required with a manifold: it draws the Bayes accuracy's Monte-Carlo samples")
         bayes_acc = float(manifold.bayes_accuracy(key, 0.0))
     lpips_net = None
     if config.lpips and (bayes_maps is not None or learned_bayes_maps is not None or paper_score_maps is not None):

@@ -5,7 +5,7 @@ its loss: the sweep needs its default strength grids, the figures the name of it
 the ``--official`` switch a unit conversion, the step benchmark a strength and a pass-count
 ideal. All of it is one frozen `Method` here, and every other place derives its view from
 the registry (``objectives.make_objective``, ``objectives.METHODS``,
-``experiment.default_strengths`` / ``to_official_units`` / ``STRENGTH_NAMES``,
+``sweep_config.default_strengths`` / ``to_official_units`` / ``STRENGTH_NAMES``,
 ``configs.common.GRIDS``, ``benchmarks.bench_step``, the ``--methods`` help). The loss
 functions themselves stay in `pagjax.objectives`.
 

@@ -8,7 +8,7 @@ and, for an alignment metric, the human labels the summary and Figure 3 show.
 
 `measure_model` evaluates every registered metric whose needs the eval set meets and
 leaves the columns of the others empty (None); results.csv's columns
-(`pagjax.experiment.result_columns`) and the figure labels are read from this registry,
+(`pagjax.results.result_columns`) and the figure labels are read from this registry,
 so a new metric is one `register` call (docs/extending.md, "Add a metric").
 
 The alignment metrics compare maps through `pagjax.alignment.compare_maps`, the table

@@ -575,45 +575,42 @@ def reference_maps(model: ScoreModel, x: Array, y: Array, *, align_noise: float,
 
 def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelConfig, key: Array, settings: dict,
                        log=print, *, checkpoint_every: int = 500, progress="score model") -> ScoreModel:
-    """The score model saved in ``directory/model`` when it was trained with ``settings``
-    (JSON-able: the data's identity and everything that shapes training), else trained
-    (checkpointed every ``checkpoint_every`` steps in ``directory/ckpt``, so a killed run
-    resumes) and saved. ``progress``: the engine's (a bar's name, a callback or None)."""
-    import json
+    """The score model cached in ``directory/model`` (`pagjax.cache`) when it was trained
+    with ``settings`` (JSON-able: the data's identity and everything that shapes training),
+    else trained (checkpointed every ``checkpoint_every`` steps in ``directory/ckpt``, so a
+    killed run resumes) and saved. ``progress``: the engine's (a bar's name, a callback or None)."""
     import os
+    import shutil
     import time
 
+    from pagjax import cache as cache_lib
     from pagjax import io as io_lib
 
-    settings = json.loads(json.dumps({**settings, "config": dataclasses.asdict(config)}))
-    model_dir = os.path.join(directory, "model")
-    if os.path.isfile(os.path.join(model_dir, "config.json")):
-        model, extra = load_score_model(model_dir)
-        if extra == settings:
-            log("score model: loaded from cache")
-            return model
-    t = time.perf_counter()
-    log(f"score model: training {config.steps} steps (U-Net, channels {list(config.channels)})")
-    ck_dir = os.path.join(directory, "ckpt")
-    ck_settings = os.path.join(directory, "ckpt_settings.json")
-    # resume only a run with the same settings; another run's checkpoints are discarded
-    if os.path.exists(ck_dir) and not (os.path.isfile(ck_settings) and io_lib.read_json(ck_settings) == settings):
-        import shutil
+    settings = cache_lib.canonical_settings({**settings, "config": dataclasses.asdict(config)})
 
-        shutil.rmtree(ck_dir)
-    os.makedirs(directory, exist_ok=True)
-    io_lib.write_json(ck_settings, settings)
-    ck = io_lib.Checkpointer(ck_dir)
-    if ck.latest_step():  # said before the compilation, which can take a while
-        log(f"score model: resuming from the checkpoint at step {ck.latest_step()} of {config.steps}")
-    try:
-        model, res = train_score_model(x, y, config, key, checkpointer=ck, checkpoint_every=checkpoint_every,
-                                       progress=progress)
-    finally:
-        ck.close()
-    save_score_model(model_dir, model, extra=settings)
-    log(f"score model: trained {config.steps} steps in {time.perf_counter() - t:.0f} s")
-    return model
+    def train() -> ScoreModel:
+        t = time.perf_counter()
+        log(f"score model: training {config.steps} steps (U-Net, channels {list(config.channels)})")
+        ck_dir = os.path.join(directory, "ckpt")
+        ck_settings = os.path.join(directory, "ckpt_settings.json")
+        # resume only a run with the same settings; another run's checkpoints are discarded
+        if os.path.exists(ck_dir) and not (os.path.isfile(ck_settings) and io_lib.read_json(ck_settings) == settings):
+            shutil.rmtree(ck_dir)
+        os.makedirs(directory, exist_ok=True)
+        io_lib.write_json(ck_settings, settings)
+        ck = io_lib.Checkpointer(ck_dir)
+        io_lib.log_resume(ck, "score model", config.steps, log)  # said before the compilation
+        try:
+            model, _ = train_score_model(x, y, config, key, checkpointer=ck, checkpoint_every=checkpoint_every,
+                                         progress=progress)
+        finally:
+            ck.close()
+        log(f"score model: trained {config.steps} steps in {time.perf_counter() - t:.0f} s")
+        return model
+
+    return cache_lib.cached(os.path.join(directory, "model"), settings, train,
+                            lambda model, target: save_score_model(target, model, extra=settings),
+                            lambda path: load_score_model(path)[0], what="score model", log=log)
 
 
 # --------------------------------------------------------------------------- direct Bayes gradient

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -531,14 +532,18 @@ class ScoreCache:
         return fingerprint([name, data, float(noise_level)]), stable
 
     def get(self, key: str) -> np.ndarray | None:
-        """The cached maps for `key`, from memory or disk, or None."""
+        """The cached maps for `key`, from memory or disk, or None (also for a damaged file,
+    with a warning naming it)."""
         if key in self._mem:
             return self._mem[key]
         if self.directory is not None:
             p = os.path.join(self.directory, key + ".npz")
             if os.path.isfile(p):
-                with np.load(p) as z:
-                    arr = z["maps"]
+                try:
+                    arr = io_lib.load_npz(p, "maps")
+                except io_lib.DamagedFileError as e:  # computed again, never trusted
+                    warnings.warn(f"{e}; computing the score maps again", RuntimeWarning, stacklevel=2)
+                    return None
                 self._mem[key] = arr
                 return arr
         return None

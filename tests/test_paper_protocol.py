@@ -22,7 +22,8 @@ def setup():
     m = build_manifold("linear_default")
     d = make_dataset(m, jax.random.key(0), 64, 64)
     cfg = measure.MeasureConfig(num_eval=16, lpips_images=8, eps=(1.0,), num_directions=1)
-    ev = measure.prepare_eval_set(d.x_test, d.y_test, m.num_classes, cfg, manifold=m, z_test=d.z_test)
+    ev = measure.prepare_eval_set(d.x_test, d.y_test, m.num_classes, cfg, manifold=m, z_test=d.z_test,
+                                  key=jax.random.key(1))
     return m, d, cfg, ev
 
 

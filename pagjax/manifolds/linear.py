@@ -303,7 +303,8 @@ def make_linear_manifold(
     normal_noise: float = 0.0,
     center: float = 0.5,
 ) -> LinearManifold:
-    """Build a :class:`LinearManifold`, deterministically from ``key`` (a PRNG key or int seed).
+    """Build a :class:`LinearManifold`, deterministically from ``key`` (a PRNG key or int seed;
+    0 by default, so that the default manifold is one fixed draw everywhere).
 
     Args:
       image_shape: (H, W, C) of the images; d = H*W*C.
@@ -366,8 +367,8 @@ def make_linear_manifold(
 
 def default_linear_manifold(key: Array | int = 0, **overrides) -> LinearManifold:
     """The project's default sweep data: 16x16x1 images (d = 256), k = 8, 4 classes,
-    2 components per class, normal_offset = 0.1, normal_noise = 0.02 (docs/theory.md §6).
-    Keyword ``overrides`` replace any of these."""
+    2 components per class, normal_offset = 0.1, normal_noise = 0.02 (docs/theory.md §6),
+    drawn from ``key`` (0 by default: one fixed draw). Keyword ``overrides`` replace any of these."""
     params = dict(image_shape=(16, 16, 1), intrinsic_dim=8, num_classes=4, components_per_class=2,
                   normal_offset=0.1, normal_noise=0.02)
     params.update(overrides)
