@@ -121,7 +121,7 @@ def test_attack_is_not_differentiated_through():
         delta = attacked(params, eps)
         got = jax.grad(lambda p: jnp.sum(_loss_fn(p, y)(x + attacked(p, eps))))(params)
         want = jax.grad(lambda p: jnp.sum(_loss_fn(p, y)(x + delta)))(params)
-        chex.assert_trees_all_close(got, want, rtol=1e-6)
+        chex.assert_trees_all_close(got, want, rtol=1e-5)  # a few float32 ulps; a leaked gradient is O(1)
         assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(got))
 
 
