@@ -117,11 +117,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=None, help="test examples (default: 1024)")
     p.add_argument("--augment", default="none", help="none or crop_flip (the paper's random crop with pad 4 + flip)")
     p.add_argument("--ae-latent", type=int, default=None, help="real data: autoencoder latents = tangent dimension (default 8 for digits, else 128)")
-    p.add_argument("--ae-steps", type=int, default=2000, help="real data: autoencoder training steps")
-    p.add_argument("--denoiser-steps", type=int, default=2000, help="real data: denoiser (learned score) training steps")
-    p.add_argument("--score-backend", default="denoiser", choices=("denoiser", "score_model"),
-                   help="real data: learned score from the denoiser or the EDM score model (U-Net, pagjax.score_model)")
-    p.add_argument("--score-model-steps", type=int, default=2000, help="real data: score model training steps")
+    p.add_argument("--ae-steps", type=int, default=None, help="real data: autoencoder training steps (default 2000)")
+    p.add_argument("--denoiser-steps", type=int, default=None, help="real data: denoiser (learned score) training steps (default 2000)")
+    p.add_argument("--score-backend", default=None, choices=("denoiser", "score_model"),
+                   help="real data: learned score from the denoiser or the EDM score model (U-Net, pagjax.score_model; "
+                        "default: score_model on tfds data, denoiser on digits)")
+    p.add_argument("--score-model-steps", type=int, default=None,
+                   help="real data: score model training steps (default 800 on MNIST / Fashion-MNIST, 1000 on colour images)")
     p.add_argument("--normal-offset", type=float, default=0.2, help="size of the class-informative off-manifold feature of the linear data")
     p.add_argument("--model", default="mlp:width=256", help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; digits: 600)")
@@ -162,7 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace):
     from pagjax import data as data_lib
     from pagjax import methods as methods_lib
-    from pagjax.experiment import LearnedConfig, SweepConfig, default_strengths
+    from pagjax.experiment import SweepConfig, default_strengths
+    from pagjax.sweep_config import learned_defaults
     from pagjax.measure import MeasureConfig
     from pagjax.training import PAPER_SGD, OptimizerConfig
 
@@ -192,15 +195,12 @@ def config_from_args(args: argparse.Namespace):
     steps = args.steps if args.steps is not None else (600 if args.dataset == "digits" else 1000)
     extra = {}
     if real:
-        latent = args.ae_latent if args.ae_latent is not None else (8 if args.dataset == "digits" else 128)
-        conv = args.dataset != "digits"
+        # per-dataset defaults (sweep_config.learned_defaults), each overridden by its flag
+        given = {"ae_latent": args.ae_latent, "ae_steps": args.ae_steps, "den_steps": args.denoiser_steps,
+                 "score_backend": args.score_backend, "sm_steps": args.score_model_steps}
+        learned = dataclasses.replace(learned_defaults(args.dataset), **{k: v for k, v in given.items() if v is not None})
         extra = dict(dataset_kwargs={}, image_size=args.image_size, data_dir=args.data_dir, download=args.download,
-                     learned=LearnedConfig(ae_latent=latent, ae_steps=args.ae_steps, den_steps=args.denoiser_steps,
-                                           ae_arch="conv" if conv else "mlp", den_arch="conv" if conv else "mlp",
-                                           # a width-256 conv denoiser at full resolution was ~0.5 TFLOP
-                                           # per step at batch 32 (benchmarks.bench_engine): 16x fewer
-                                           den_width=64 if conv else 256,
-                                           score_backend=args.score_backend, sm_steps=args.score_model_steps))
+                     learned=learned)
     else:
         extra = dict(dataset_kwargs={"normal_offset": args.normal_offset})
     if args.n_train is not None:

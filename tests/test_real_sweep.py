@@ -103,11 +103,11 @@ def test_sweep_cli_accepts_real_datasets(tmp_path, capsys):
         lc = cfg.learned
         assert (cfg.model, cfg.steps, cfg.batch_size, cfg.n_train, cfg.n_test) == ("mlp:width=256", 1000, 128, 8192, 1024)
         assert cfg.strengths["noise"] == (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0) and cfg.strengths["gradnorm"][-1] == 100
-        assert (lc.ae_arch, lc.ae_latent, lc.ae_features, lc.ae_upsample, lc.ae_steps) == ("conv", 128, (32, 64),
-                                                                                           "nearest", 2000)
-        assert (lc.den_arch, lc.den_width, lc.den_depth, lc.den_steps, lc.score_backend) == ("conv", 64, 3, 2000,
-                                                                                             "denoiser")
-        assert (lc.sm_channels, lc.sm_steps, cfg.checkpoint_every) == ((32, 64), 2000, 200)
+        gray = name == "fashion_mnist"  # 28x28x1 like MNIST: the dense autoencoder, a narrower score model
+        assert (lc.ae_arch, lc.ae_latent, lc.ae_steps) == ("mlp" if gray else "conv", 128, 2000)
+        assert lc.ae_hidden == (512,) if gray else (lc.ae_features, lc.ae_upsample) == ((32, 64), "nearest")
+        assert (lc.score_backend, lc.sm_bayes, cfg.checkpoint_every) == ("score_model", "classifier", 200)
+        assert (lc.sm_channels, lc.sm_steps) == (((16, 32), 800) if gray else ((32, 64), 1000))
         cfg.validate()  # prepared under tests/data/tfds
     t = time.perf_counter()
     rc = sweep_eps.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
@@ -118,11 +118,11 @@ def test_sweep_cli_accepts_real_datasets(tmp_path, capsys):
 # --------------------------------------------------------------------------- tfds data through the command line
 
 TINY_TFDS_DIR = os.path.join(os.path.dirname(__file__), "data", "tfds")  # make_tiny_tfds.py: 20 + 10 images each
-# The sweep command with each dataset's own defaults (conv autoencoder and width-64 conv
+# The sweep command with each dataset's own defaults (autoencoder, EDM score model and noise
 # denoiser, 128 latents unless given), only shortened: 4 steps everywhere, a checkpoint
 # every 2, so a kill after the first checkpoint leaves work to resume.
 TINY_CLI = ["--methods", "noise", "--strengths", "0,1", "--seeds", "0", "--steps", "4", "--batch-size", "10",
-            "--ae-steps", "4", "--denoiser-steps", "4", "--ae-latent", "4", "--no-lpips", "--model", "mlp:width=16",
+            "--ae-steps", "4", "--denoiser-steps", "4", "--score-model-steps", "4", "--ae-latent", "4", "--no-lpips", "--model", "mlp:width=16",
             "--checkpoint-every", "2", "--data-dir", TINY_TFDS_DIR]
 
 
@@ -178,18 +178,19 @@ def test_cifar10_sweep_from_the_command_line_shows_every_phase_and_resumes_a_kil
     with pytest.raises(Killed):
         sweep_eps.main(argv)
     first = capsys.readouterr()
-    # each phase said it started and moved: data, autoencoder, tangent basis, denoiser, the method
+    # each phase said it started and moved: data, autoencoder, tangent basis, score model, the method
     assert "loading cifar10 train" in first.err and "loading cifar10 test" in first.err
     assert "data: cifar10, 20 train + 10 test examples of shape 32x32x3" in first.out
     assert "autoencoder: training 4 steps (conv, 4 latents)" in first.out and "autoencoder: 100%" in first.err
     assert "tangent basis: 10 eval images" in first.out
-    assert "denoiser: training 4 steps (conv, width 64)" in first.out and "denoiser: 100%" in first.err
+    assert "score model: training 4 steps (U-Net, channels [32, 64])" in first.out and "score model: 100%" in first.err
+    assert "noise classifier: 100%" in first.err
     assert "noise: compiling" in first.err  # killed right after its checkpoint, before the bar moved
     assert not os.path.exists(os.path.join(out, "results.csv"))
 
     assert sweep_eps.main(argv) == 0  # the same command again
     second = capsys.readouterr()
-    assert "autoencoder: loaded from cache" in second.out and "denoiser: loaded from cache" in second.out
+    assert "autoencoder: loaded from cache" in second.out and "score model: loaded from cache" in second.out
     assert "noise: resuming from the checkpoint at step 2 of 4" in second.out
     assert ("noise", 2) in checkpoints.restored  # from the checkpoint, not from step 0
     assert "noise step 4/4" in second.err and "noise step 2/4" not in second.err
@@ -207,20 +208,20 @@ def test_fashion_mnist_sweep_resumes_a_run_killed_while_learning_its_score(tmp_p
 
     out = str(tmp_path / "fashion_mnist")
     argv = ["--dataset", "fashion_mnist", "--out", out, *TINY_CLI]
-    checkpoints.kill_after("denoiser", 2)
+    checkpoints.kill_after("ckpt", 2)  # the score model's checkpoints (learned/score_model/ckpt)
     with pytest.raises(Killed):
         sweep_eps.main(argv)
     first = capsys.readouterr()
     assert "loading fashion_mnist train" in first.err
     assert "data: fashion_mnist, 20 train + 10 test examples of shape 28x28x1" in first.out
-    assert "autoencoder: trained 4 steps" in first.out and "denoiser: trained" not in first.out
+    assert "autoencoder: trained 4 steps" in first.out and "score model: trained" not in first.out
 
     assert sweep_eps.main([*argv, "--no-progress"]) == 0  # --no-progress: the phase lines, no bars
     second = capsys.readouterr()
     assert "data: fashion_mnist, 20 train + 10 test" in second.out and "loading" not in second.err
     assert "autoencoder: loaded from cache" in second.out
-    assert "denoiser: resuming from the checkpoint at step 2 of 4" in second.out
-    assert ("denoiser", 2) in checkpoints.restored
-    assert "denoiser: trained 4 steps" in second.out and "noise: 2 models trained and measured" in second.out
+    assert "score model: resuming from the checkpoint at step 2 of 4" in second.out
+    assert ("ckpt", 2) in checkpoints.restored
+    assert "score model: trained 4 steps" in second.out and "noise: 2 models trained and measured" in second.out
     assert "%|" not in second.err
     assert len(_results(out)) == 2
