@@ -165,13 +165,42 @@ def score_model_maps(config: SweepConfig, data: SweepData, root: str, x_eval, y_
                                       progress="score model" if progress else None)
     maps = sm_lib.reference_maps(model, x_eval, y_eval, align_noise=config.measure.align_noise,
                                  paper_noise=config.measure.paper_noise)
-    if lc.sm_bayes == "classifier":  # cheap (an MLP): trained afresh, not cached
+    if lc.sm_bayes == "classifier":
+        maps["learned_bayes_maps"] = classifier_bayes_maps(config, data, root, smc, x_eval, y_eval, log, progress)
+    return maps
+
+
+def classifier_bayes_maps(config: SweepConfig, data: SweepData, root: str, smc, x_eval, y_eval, log: Log = print,
+                          progress: bool = True):
+    """The learned Bayes gradient grad log p_s(y|x) of the eval images from a noise-conditional
+    classifier (`pagjax.score_model.train_noise_classifier`), cached as maps in
+    ``root/classifier_bayes_maps.npy``: a rerun neither trains nor loads the classifier."""
+    import dataclasses
+
+    import numpy as np
+
+    from pagjax import score_model as sm_lib
+
+    lc, s = config.learned, float(config.measure.align_noise)
+    settings = {**data_identity(config, data), "seed": lc.seed, "config": dataclasses.asdict(smc), "noise": s,
+                "num_eval": int(x_eval.shape[0])}
+
+    def compute():
+        t = time.perf_counter()
+        log(f"noise classifier: training {smc.steps} steps for the learned Bayes gradient")
         clf = sm_lib.train_noise_classifier(jnp.asarray(data.x_train), jnp.asarray(data.y_train), data.num_classes,
                                             smc, purpose_key(lc.seed, "noise classifier"),
                                             progress="noise classifier" if progress else None)
-        maps["learned_bayes_maps"] = sm_lib.classifier_bayes_gradient(clf, x_eval, config.measure.align_noise, y_eval)
-        log("score model: learned Bayes gradient from a noise-conditional classifier")
-    return maps
+        maps = np.asarray(sm_lib.classifier_bayes_gradient(clf, x_eval, s, y_eval))
+        log(f"noise classifier: trained and applied in {time.perf_counter() - t:.0f} s")
+        return maps
+
+    def save(maps, target):
+        with open(target, "wb") as f:  # a file object: np.save would add ".npy" to the staging name
+            np.save(f, maps)
+
+    return jnp.asarray(cache_lib.cached(os.path.join(root, "classifier_bayes_maps.npy"), settings, compute, save,
+                                        np.load, what="learned Bayes maps", log=log))
 
 
 def learned_geometry(config: SweepConfig, data: SweepData, out_dir: str, log: Log = print,

@@ -191,6 +191,7 @@ def test_cifar10_sweep_from_the_command_line_shows_every_phase_and_resumes_a_kil
     assert sweep_eps.main(argv) == 0  # the same command again
     second = capsys.readouterr()
     assert "autoencoder: loaded from cache" in second.out and "score model: loaded from cache" in second.out
+    assert "learned Bayes maps: loaded from cache" in second.out  # the noise classifier is not retrained
     assert "noise: resuming from the checkpoint at step 2 of 4" in second.out
     assert ("noise", 2) in checkpoints.restored  # from the checkpoint, not from step 0
     assert "noise step 4/4" in second.err and "noise step 2/4" not in second.err
