@@ -90,7 +90,7 @@ if os.path.exists(vs):
     print("vs_torch.json:", "torch " + res["torch"]["version"] + " on " + res["torch"]["device"] if res["torch"]
           else "no torch")
     for r in res["rows"]:
-        t = f"{r['torch_s'] * 1e3:9.3f} ms  jax/torch {r['ratio']:.2f}" if r["torch_s"] else "-"
+        t = f"{r['torch_s'] * 1e3:9.3f} ms  jax/torch {r['ratio']:.3g}" if r["torch_s"] else "-"
         print(f"  {r['model']:9s} B{r['batch']:<4d} w{r['width']:<3d} {r['objective']:10s} "
               f"jax {r['jax_s'] * 1e3:9.3f} ms  torch {t}")
 EOF
