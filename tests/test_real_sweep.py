@@ -1,6 +1,7 @@
 """The sweep on real images (offline digits): learned tangent spaces and scores stand in
 for the exact ones; caches are reused; missing tfds data fail fast through the CLI."""
 import csv
+import json
 import os
 import time
 
@@ -185,6 +186,11 @@ def test_cifar10_sweep_from_the_command_line_shows_every_phase_and_resumes_a_kil
     assert "tangent basis: 10 eval images" in first.out
     assert "score model: training 4 steps (U-Net, channels [32, 64])" in first.out and "score model: 100%" in first.err
     assert "noise classifier: 100%" in first.err
+    # the instrument's quality beside the noisy input and the best linear denoiser, per sigma
+    report = json.load(open(os.path.join(out, "learned", "score_model_denoising.json")))
+    assert [r["sigma"] for r in report] == [0.1, 0.3, 0.5, 1.0] and "ratio_to_wiener" in first.out
+    # the noisy input's per-pixel MSE is sigma^2 (10 images x 3072 pixels: ~1% Monte Carlo error)
+    assert all(abs(r["mse_noisy"] / r["sigma"] ** 2 - 1) < 0.1 and r["ratio_to_wiener"] > 0 for r in report)
     assert "noise: compiling" in first.err  # killed right after its checkpoint, before the bar moved
     assert not os.path.exists(os.path.join(out, "results.csv"))
 
@@ -192,6 +198,7 @@ def test_cifar10_sweep_from_the_command_line_shows_every_phase_and_resumes_a_kil
     second = capsys.readouterr()
     assert "autoencoder: loaded from cache" in second.out and "score model: loaded from cache" in second.out
     assert "learned Bayes maps: loaded from cache" in second.out  # the noise classifier is not retrained
+    assert "score model denoising report: loaded from cache" in second.out
     assert "noise: resuming from the checkpoint at step 2 of 4" in second.out
     assert ("noise", 2) in checkpoints.restored  # from the checkpoint, not from step 0
     assert "noise step 4/4" in second.err and "noise step 2/4" not in second.err
