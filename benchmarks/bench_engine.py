@@ -25,6 +25,14 @@ with the two engines interleaved (so background load hits both alike):
   width 256, depth 3, class-conditional), with the EDM preconditioning and weighted loss
   of `pagjax.scores.train_denoiser`, against its PyTorch transcription (batch 32 by
   default, see `FULL`).
+* **unet** -- the EDM score model the sweep trains on real images: `pagjax.score_model`'s
+  U-Net (`make_step_fn` at the sweep's MNIST default: channels (16, 32), 1 block, embedding
+  128, 10 classes + "no label", batch 64, 28x28x1) with its whole training step (log-normal
+  sigma, label dropout, preconditioning, weighted loss, clipped Adam with its schedule,
+  non-finite skip, EMA), run by the engine's own step program (`pagjax.engine`, as
+  `train_loop` runs it) -- ``jax:unet`` one dispatch per step (the host loop, what CPU
+  picks for conv nets), ``jax:unet-device`` the device loop (`lax.fori_loop`) -- against
+  `benchmarks.torch_unet`, its PyTorch transcription (same layers and parameter count).
 
 What is timed is one training step (forward, backward, Adam update): in JAX one jitted
 function with the parameters and optimiser state donated, called in a Python loop; in
@@ -41,8 +49,9 @@ the ratio each reaches.
 PyTorch is optional (the ``bench`` extra): without it the PyTorch rows are skipped with a
 message and ratios are reported against the JAX default instead.
 
-    python -m benchmarks.bench_engine [--quick] [--models ae,den] [--ae-variants ...]
-        [--batch B] [--den-batch B] [--steps-per-repeat N] [--repeats N]
+    python -m benchmarks.bench_engine [--quick] [--models ae,den,unet] [--ae-variants ...]
+        [--unet-variants host,device] [--batch B] [--den-batch B] [--unet-batch B]
+        [--steps-per-repeat N] [--repeats N]
         [--xla-flag-sets "FLAGS;FLAGS"] [--torch-threads N]
 """
 from __future__ import annotations
@@ -66,11 +75,14 @@ BASELINE = "torch:transpose"
 # resolution cost about 0.5 TFLOP per step at batch 32, tens of seconds on 2 CPU cores, and
 # the ratio does not depend on the batch (--den-batch 128 for the sweep's own).
 FULL = dict(image=(28, 28, 1), batch=128, latent=128, features=(32, 64),
-            den_batch=32, den_width=256, den_depth=3, den_classes=11, steps_per_repeat=3)
+            den_batch=32, den_width=256, den_depth=3, den_classes=11, steps_per_repeat=3,
+            unet_batch=64, unet_channels=(16, 32), unet_blocks=1, unet_emb=128, unet_classes=10)
 QUICK = dict(FULL, batch=32, den_batch=8, den_width=32, steps_per_repeat=2)
 # CI's structural test: tiny sizes, where the time is XLA's compilations.
 TINY = dict(image=(8, 8, 1), batch=4, latent=4, features=(4, 8), den_batch=2, den_width=8, den_depth=1,
-            den_classes=3, steps_per_repeat=1)
+            den_classes=3, steps_per_repeat=1, unet_batch=2, unet_channels=(4, 8), unet_blocks=1, unet_emb=8,
+            unet_classes=3)
+UNET_VARIANTS = ("host", "device")
 
 
 def torch_or_none():
@@ -241,6 +253,56 @@ def jax_den_step(cfg: dict):
     return _jax_runner(step, params, jax.jit(tx.init)(params), None)
 
 
+def unet_config(cfg: dict):
+    """The `ScoreModelConfig` of the unet rows (the sweep's MNIST default at FULL sizes)."""
+    from pagjax import score_model as sm
+
+    return sm.ScoreModelConfig(arch="unet", channels=tuple(cfg["unet_channels"]), blocks=cfg["unet_blocks"],
+                               emb_dim=cfg["unet_emb"], num_classes=cfg["unet_classes"], batch_size=cfg["unet_batch"])
+
+
+def unet_data(cfg: dict):
+    """A fixed batch (x0 in [0, 1], labels) as numpy arrays, shared by both engines."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.random((cfg["unet_batch"], *cfg["image"]), dtype=np.float32)
+    return x, rng.integers(0, cfg["unet_classes"], cfg["unet_batch"]).astype(np.int32)
+
+
+def jax_unet_step(cfg: dict, step_loop: str = "host"):
+    """(run, sync, n_params) of the score model's `make_step_fn`, through the engine's program."""
+    import jax
+    import jax.numpy as jnp
+
+    from pagjax import engine
+    from pagjax import score_model as sm
+
+    config = unet_config(cfg)
+    x, y = (jnp.asarray(a) for a in unet_data(cfg))
+    mean, sd = sm.data_statistics(x)
+    step_fn, net, tx = sm.make_step_fn(config, tuple(cfg["image"]), mean, sd)
+    y0 = jnp.zeros((1,), jnp.int32) if config.num_classes else None
+    params = jax.jit(net.init)(jax.random.key(0), x[:1], jnp.zeros((1,)), y0)["params"]
+    state = sm.TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params),
+                          jax.jit(tx.init)(params), jax.random.key(2))
+    # the engine's own jitted program: "host" one step per dispatch, "device" a fori_loop
+    # (here of one step per call, so both are timed per step the same way)
+    programs = engine._Programs(step_fn, x.shape[0], False, step_loop)
+    perm = jnp.arange(x.shape[0])
+    carry = [state, jnp.zeros((), bool), None]
+
+    def run():
+        carry[0], carry[1], m = programs.advance(carry[0], carry[1], (x, y), perm, 0, 1)
+        carry[2] = m["loss"]
+        return carry[2]
+
+    def sync():
+        return float(jax.block_until_ready(carry[2]))
+
+    return run, sync, sum(int(a.size) for a in jax.tree.leaves(params))
+
+
 def _jax_runner(step, params, opt_state, x):
     import jax
 
@@ -367,6 +429,28 @@ def torch_den_step(torch, cfg: dict):
     return _torch_runner(net, opt, loss)
 
 
+def torch_unet_step(torch, cfg: dict):
+    """(run, sync, n_params) of `benchmarks.torch_unet`'s transcription of the score model's step."""
+    from benchmarks import torch_unet
+
+    config = unet_config(cfg)
+    x, y = unet_data(cfg)
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(y).long()
+    mean = x.mean(0)
+    sd = max(float((x - mean).std(correction=0)), 1e-3)  # pagjax's data_statistics
+    torch.manual_seed(0)
+    net = torch_unet.UNet(tuple(cfg["image"]), config.channels, config.blocks, config.emb_dim, config.num_classes)
+    step = torch_unet.make_train_step(net, config, mean, sd)
+    last = [None]
+
+    def run():
+        last[0] = step(x, y)
+        return last[0]
+
+    return run, lambda: float(last[0].detach()), torch_unet.n_params(net)
+
+
 def _torch_runner(model, opt, loss_fn):
     last = [None]
 
@@ -435,15 +519,22 @@ def _child_flag_run(flags: str, cfg: dict, repeats: int, torch_threads: int | No
             "ratio": jax_row.get("ratio")}
 
 
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        return os.cpu_count() or 1
+
+
 def run(models=("ae", "den"), ae_variants=AE_VARIANTS, *, quick: bool = False, sizes: dict | None = None,
         repeats: int = 5, steps_per_repeat: int | None = None, flag_sets=(), torch_variants: bool = True,
-        torch_threads: int | None = None, use_torch: bool = True) -> dict:
+        torch_threads: int | None = None, use_torch: bool = True, unet_variants=("host",)) -> dict:
     """Run the engine benchmark; returns the JSON-ready result (see module docstring)."""
     cfg = dict(sizes or (QUICK if quick else FULL))
     steps = steps_per_repeat or cfg["steps_per_repeat"]
     torch = torch_or_none() if use_torch else None
-    if torch is not None and torch_threads:
-        torch.set_num_threads(torch_threads)
+    if torch is not None:  # by default as many threads as XLA:CPU uses: every core we may run on
+        torch.set_num_threads(torch_threads or _available_cores())
     res = {"benchmark": "engine", "machine": common.machine_description(), "quick": quick, "sizes": cfg,
            "repeats": repeats, "steps_per_repeat": steps, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "torch": None if torch is None else {"version": torch.__version__, "threads": torch.get_num_threads()}}
@@ -466,6 +557,15 @@ def run(models=("ae", "den"), ae_variants=AE_VARIANTS, *, quick: bool = False, s
         if torch is not None:
             cands["torch:den"] = torch_den_step(torch, cfg)
         res["den"] = interleaved(cands, steps, repeats, "torch:den" if torch is not None else "jax:den")
+    if "unet" in models:
+        for v in unet_variants:
+            if v not in UNET_VARIANTS:
+                raise ValueError(f"unknown unet variant {v!r} (choose from {UNET_VARIANTS})")
+        cands = {("jax:unet" if v == "host" else f"jax:unet-{v}"): jax_unet_step(cfg, v) for v in unet_variants}
+        if torch is not None:
+            cands["torch:unet"] = torch_unet_step(torch, cfg)
+        first = next(iter(cands))
+        res["unet"] = interleaved(cands, steps, repeats, "torch:unet" if torch is not None else first)
     res["flag_sets"] = [_child_flag_run(f, cfg, repeats, torch_threads) for f in flag_sets]
     return res
 
@@ -488,9 +588,13 @@ def print_table(res: dict) -> None:
         for name, r in res["den"].items():
             rows.append([f"den B{c['den_batch']} w{c['den_width']}", name, r["params"], r["step_s"] * 1e3,
                          r["min_s"] * 1e3, r["max_s"] * 1e3, r.get("ratio"), None, r["loss"]])
+    if "unet" in res:
+        for name, r in res["unet"].items():
+            rows.append([f"unet B{c['unet_batch']} {'/'.join(map(str, c['unet_channels']))}", name, r["params"],
+                         r["step_s"] * 1e3, r["min_s"] * 1e3, r["max_s"] * 1e3, r.get("ratio"), None, r["loss"]])
     print(common.format_table(headers, rows))
-    print(f"ratio = step time / {res.get('ae_baseline', BASELINE)} (ae) or the PyTorch denoiser (den), "
-          "median of per-repeat ratios")
+    print(f"ratio = step time / {res.get('ae_baseline', BASELINE)} (ae), the PyTorch denoiser (den) or the "
+          "PyTorch U-Net step (unet), median of per-repeat ratios")
     if res["flag_sets"]:
         print(common.format_table(["XLA_FLAGS (child process)", "jax ms", "torch ms", "ratio"],
                                   [[f["flags"] or "(none)", (f.get("jax_step_s") or 0) * 1e3 or None,
@@ -502,20 +606,25 @@ def main(argv=None) -> dict:
     """CLI entry point: parse flags, run, print the table and write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "engine")
-    ap.add_argument("--models", default="ae,den", help="comma-separated: ae,den")
+    ap.add_argument("--models", default="ae,den", help="comma-separated: ae,den,unet")
+    ap.add_argument("--unet-variants", default="host",
+                    help="comma-separated JAX step loops: " + ",".join(UNET_VARIANTS))
+    ap.add_argument("--unet-batch", type=int, default=None, help="score-model U-Net batch (default 64)")
     ap.add_argument("--ae-variants", default=",".join(AE_VARIANTS), help="comma-separated: " + ",".join(AE_VARIANTS))
     ap.add_argument("--batch", type=int, default=None, help="autoencoder batch (default 128; 32 with --quick)")
     ap.add_argument("--den-batch", type=int, default=None, help="denoiser batch (default 32; 8 with --quick)")
     ap.add_argument("--den-width", type=int, default=None, help="denoiser width (default 256; 32 with --quick)")
     ap.add_argument("--steps-per-repeat", type=int, default=None)
     ap.add_argument("--xla-flag-sets", default="", help="';'-separated XLA_FLAGS values, each run in a child process")
-    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads (default: the usable cores, as XLA)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows even if torch is installed")
     ap.add_argument("--no-torch-variants", action="store_true", help="PyTorch: the transpose architecture only")
     ap.add_argument("--sizes-json", default=None, help=argparse.SUPPRESS)  # the flag-set children's sizes
     args = ap.parse_args(argv)
     sizes = json.loads(args.sizes_json) if args.sizes_json else dict(QUICK if args.quick else FULL)
-    for key, val in (("batch", args.batch), ("den_batch", args.den_batch), ("den_width", args.den_width)):
+    for key, val in (("batch", args.batch), ("den_batch", args.den_batch), ("den_width", args.den_width),
+                     ("unet_batch", args.unet_batch)):
         if val:
             sizes[key] = val
     flag_sets = [f.strip() for f in args.xla_flag_sets.split(";")] if args.xla_flag_sets else []
@@ -524,7 +633,7 @@ def main(argv=None) -> dict:
                     quick=args.quick, sizes=sizes, repeats=args.repeats or (3 if args.quick else 5),
                     steps_per_repeat=args.steps_per_repeat, flag_sets=flag_sets,
                     torch_variants=not args.no_torch_variants, torch_threads=args.torch_threads,
-                    use_torch=not args.no_torch),
+                    use_torch=not args.no_torch, unet_variants=tuple(filter(None, args.unet_variants.split(",")))),
         print_table, args.json)
 
 

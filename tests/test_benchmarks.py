@@ -133,6 +133,66 @@ def test_engine_benchmark_torch_transcriptions_match_the_jax_models():
     assert den["jax:den"]["params"] == den["torch:den"]["params"] and den["jax:den"]["ratio"] > 0
 
 
+def test_engine_benchmark_unet_rows_against_torch():
+    pytest.importorskip("torch")
+    res = bench_engine.run(("unet",), sizes=bench_engine.TINY, repeats=1)
+    rows = res["unet"]
+    assert set(rows) == {"jax:unet", "torch:unet"} and res["torch"]["threads"] >= 1
+    jax_row, torch_row = rows["jax:unet"], rows["torch:unet"]
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["min_s"] <= r["step_s"] <= r["max_s"] and math.isfinite(r["loss"])
+    # one repeat: the median of per-repeat ratios is the ratio of the two step times
+    assert jax_row["ratio"] == pytest.approx(jax_row["step_s"] / torch_row["step_s"], rel=1e-9)
+    assert torch_row["ratio"] == 1
+    assert jax_row["params"] == torch_row["params"]  # the same U-Net, layer for layer
+    with pytest.raises(ValueError, match="unknown unet variant"):
+        bench_engine.run(("unet",), sizes=bench_engine.TINY, use_torch=False, unet_variants=("bogus",))
+
+
+def test_torch_unet_is_the_score_model_unet():
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import torch_unet as tu
+    from pagjax import score_model as sm
+
+    # the sweep's MNIST default: the same parameter count
+    cfg = bench_engine.unet_config(bench_engine.FULL)
+    shape = bench_engine.FULL["image"]
+    net = sm.make_network(cfg, shape)
+    like = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,)),
+                          jnp.zeros((1,), jnp.int32))["params"]
+    tnet = tu.UNet(shape, cfg.channels, cfg.blocks, cfg.emb_dim, cfg.num_classes)
+    assert tu.n_params(tnet) == sum(a.size for a in jax.tree.leaves(like)) == 156561
+    # and the same function from copied weights, at an odd size (flax's 'SAME' stride-2
+    # padding, nearest resize 4 -> 7), with random weights in place of the zero-initialised
+    # last convolutions (so every layer shows in the output)
+    shape, cfg = (7, 7, 1), sm.ScoreModelConfig(channels=(4, 8), emb_dim=8, num_classes=3)
+    net = sm.make_network(cfg, shape)
+    x = jax.random.normal(jax.random.key(1), (3, *shape))
+    c_noise, y = jnp.array([-0.5, 0.1, 0.3]), jnp.array([0, 2, 3])  # 3: the "no label" class
+    leaves, tree = jax.tree.flatten(net.init(jax.random.key(0), x, c_noise, y)["params"])
+    params = jax.tree.unflatten(tree, [0.3 * jax.random.normal(jax.random.key(i), a.shape)
+                                       for i, a in enumerate(leaves)])
+    want = np.asarray(jax.jit(net.apply)({"params": params}, x, c_noise, y))
+    tnet = tu.load_flax_params(tu.UNet(shape, cfg.channels, cfg.blocks, cfg.emb_dim, cfg.num_classes), params)
+    got = tnet(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2), torch.from_numpy(np.array(c_noise)),
+               torch.from_numpy(np.array(y)).long())
+    np.testing.assert_allclose(got.detach().permute(0, 2, 3, 1).numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_unet_schedule_is_optax():
+    pytest.importorskip("torch")
+    import optax
+
+    from benchmarks import torch_unet as tu
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 10, 50, end_value=1e-4)
+    for step in (0, 5, 10, 30, 49, 60):
+        assert tu.warmup_cosine(step, 2e-3, 10, 50, 1e-4) == pytest.approx(float(sched(step)), rel=1e-5, abs=1e-9)
+
+
 # --------------------------------------------------------------------------- pagjax vs PyTorch
 
 TINY_VS = ({"spec": "cnn:width={width}", "model": "cnn", "width": 4, "image": (8, 8, 3), "batch": 4, "classes": 3},)
