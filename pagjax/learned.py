@@ -178,8 +178,6 @@ def denoising_quality(config: SweepConfig, data: SweepData, root: str, model, lo
     and 1 beside the noisy input's and the Wiener filter's (the best linear denoiser, closed
     form in the training set's PCA basis), logged as a table and cached in
     ``root/score_model_denoising.json``: the instrument's quality, stated with its numbers."""
-    import json
-
     from pagjax import score_model as sm_lib
 
     n = min(num_images, int(data.x_test.shape[0]))
@@ -192,15 +190,8 @@ def denoising_quality(config: SweepConfig, data: SweepData, root: str, model, lo
         return sm_lib.denoising_report(model, jnp.asarray(data.x_test[:n]), y,
                                        purpose_key(config.learned.seed, "denoising report"), wiener=wiener)
 
-    def save(rows, target):
-        with open(target, "w") as f:
-            json.dump(rows, f, indent=1)
-
-    def load(path):
-        with open(path) as f:
-            return json.load(f)
-
-    rows = cache_lib.cached(os.path.join(root, "score_model_denoising.json"), settings, compute, save, load,
+    rows = cache_lib.cached(os.path.join(root, "score_model_denoising.json"), settings, compute,
+                            lambda rows, target: io_lib.write_json(target, rows), io_lib.read_json,
                             what="score model denoising report", log=log)
     log(f"score model: denoising MSE on {n} test images (ratio_to_wiener < 1: better than the best linear "
         f"denoiser)\n{sm_lib.format_report(rows)}")
