@@ -222,7 +222,7 @@ def classifier_bayes_maps(config: SweepConfig, data: SweepData, root: str, smc, 
         return maps
 
     def save(maps, target):
-        with open(target, "wb") as f:  # a file object: np.save would add ".npy" to the staging name
+        with open(target, "wb") as f:  # written where the cache says, under exactly that name
             np.save(f, maps)
 
     return jnp.asarray(cache_lib.cached(os.path.join(root, "classifier_bayes_maps.npy"), settings, compute, save,
