@@ -50,7 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/generate", help="output folder")
     p.add_argument("--from-sweep", default=None, help="a sweep output folder: load its models (config.json + checkpoints/) instead of training")
-    p.add_argument("--sweep-method", default="noise", help="which of the sweep's methods supplies the robust models")
+    from pagjax import methods
+
+    p.add_argument("--sweep-method", default="noise", help="which of the sweep's methods supplies the robust models: "
+                   + ", ".join(methods.robust_names()))
     p.add_argument("--dataset", default="linear_default", help="dataset name accepted by the sweep (pagjax.experiment.load_data)")
     p.add_argument("--normal-offset", type=float, default=0.2, help="normal feature of linear_default (as the sweep)")
     p.add_argument("--strengths", default="0.03,0.3,3", help="noise-augmentation strengths of the robust models (weak, Bayes-aligned, excessive)")
