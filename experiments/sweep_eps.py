@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --official converted to official units: gradnorm c = lambda*B^2/1e5, PGD eps*sqrt(B))")
     p.add_argument("--log-range", default=None, help="LOW,HIGH,N: N log-spaced strengths for every chosen method")
     p.add_argument("--seeds", default="0,1", help="comma-separated integer seeds")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="which draw of the data: a known manifold and its samples, or the subset of real images")
     p.add_argument("--dataset", default="linear_default",
                    help="built-in known manifold (pagjax.manifolds.manifold_names) or real dataset: digits (offline), "
                         "mnist, fashion_mnist, cifar10, imagenet64 (prepared tfds data)")
@@ -207,7 +209,7 @@ def config_from_args(args: argparse.Namespace):
         extra["n_train"] = args.n_train
     if args.n_test is not None:
         extra["n_test"] = args.n_test
-    return SweepConfig(methods=methods, strengths=strengths, seeds=_ints(args.seeds, "--seeds"),
+    return SweepConfig(methods=methods, strengths=strengths, seeds=_ints(args.seeds, "--seeds"), data_seed=args.data_seed,
                        dataset=args.dataset, model=args.model, steps=steps, batch_size=args.batch_size,
                        optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps,
                        official_grad_accumulation=args.official_grad_accumulation,

@@ -225,6 +225,9 @@ class SweepConfig:
             # JAX keys take 32-bit seeds; a round bound well inside them
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < MAX_SEED:
                 raise ValueError(f"seeds must be integers in [0, {MAX_SEED}), got {seed!r}")
+        ds = self.data_seed
+        if isinstance(ds, bool) or not isinstance(ds, (int, np.integer)) or not 0 <= ds < MAX_SEED:
+            raise ValueError(f"data_seed must be an integer in [0, {MAX_SEED}), got {ds!r}")
         validation.check_positive_int("steps", self.steps)
         if self.steps > MAX_STEPS:  # the step counter is int32; no sweep needs this many steps
             raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")

@@ -60,6 +60,20 @@ def test_missing_cifar10_fails_fast(tmp_path, capsys):
     assert run_config.main([str(tmp_path / "nope.py")]) == 2
 
 
+def test_data_seed_flag_draws_other_data_and_is_checked(capsys):
+    from experiments import sweep_eps
+    from pagjax.experiment import load_data
+
+    small = ["--n-train", "64", "--n-test", "16"]
+    cfg0, cfg3 = (sweep_eps.config_from_args(sweep_eps.parse_args([*small, *extra])) for extra in ([], ["--data-seed", "3"]))
+    assert (cfg0.data_seed, cfg3.data_seed) == (0, 3)
+    d0, d3 = load_data(cfg0), load_data(cfg3)
+    assert d0.x_train.shape == d3.x_train.shape and not np.allclose(d0.x_train, d3.x_train)
+    np.testing.assert_array_equal(load_data(cfg3).x_train, d3.x_train)  # a draw is a function of the seed
+    assert sweep_eps.main(["--data-seed", "-1", "--out", "unused"]) == 2
+    assert "data_seed must be an integer" in capsys.readouterr().err
+
+
 def test_default_grids_per_dataset_and_in_official_units():
     from experiments import sweep_eps
     from pagjax.experiment import default_strengths
