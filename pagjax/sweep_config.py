@@ -82,6 +82,12 @@ def check_model_options(name: str) -> None:
 
 
 
+def _check_seed(what: str, seed) -> None:
+    # JAX keys take 32-bit seeds; a round bound well inside them
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{what} in [0, {MAX_SEED}), got {seed!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnedConfig:
     """How the tangent spaces and scores of real images are learned (cached in ``learned/``).
@@ -222,12 +228,8 @@ class SweepConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct integers, got {self.seeds}")
         for seed in self.seeds:
-            # JAX keys take 32-bit seeds; a round bound well inside them
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < MAX_SEED:
-                raise ValueError(f"seeds must be integers in [0, {MAX_SEED}), got {seed!r}")
-        ds = self.data_seed
-        if isinstance(ds, bool) or not isinstance(ds, (int, np.integer)) or not 0 <= ds < MAX_SEED:
-            raise ValueError(f"data_seed must be an integer in [0, {MAX_SEED}), got {ds!r}")
+            _check_seed("seeds must be integers", seed)
+        _check_seed("data_seed must be an integer", self.data_seed)
         validation.check_positive_int("steps", self.steps)
         if self.steps > MAX_STEPS:  # the step counter is int32; no sweep needs this many steps
             raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
