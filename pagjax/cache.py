@@ -16,9 +16,16 @@ Writes are atomic: `save` writes into a hidden staging folder beside `path`, and
 finished save is moved into place, so a crash during `save` leaves the old entry usable.
 The record goes last; a crash between the move and the record leaves an entry without a
 record, which is computed again.
+
+Settings are compared one way everywhere (`differing_settings`, on `canonical_settings`)
+and named by one digest (`settings_digest`). `training_checkpointer` gives the checkpoints
+of a training that a `compute` runs, in ``<root>/training/<what>-<settings digest>``: a
+killed training resumes there, and one with other settings gets another folder, so it
+starts afresh and never reads the old run's checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +42,7 @@ from pagjax import io as io_lib
 T = TypeVar("T")
 
 RECORD_SUFFIX = ".json"
+TRAINING_DIR = "training"
 
 
 def canonical_settings(settings: dict) -> dict:
@@ -54,6 +62,23 @@ def canonical_settings(settings: dict) -> dict:
         return json.loads(json.dumps(settings, sort_keys=True, default=default))
     except (TypeError, ValueError) as err:
         raise ValueError(f"settings must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from None
+
+
+def settings_digest(settings: dict) -> str:
+    """SHA-256 of `settings` in canonical form (keys sorted): the same settings, written as
+    tuples or lists, numpy or Python numbers, give the same digest."""
+    text = json.dumps(canonical_settings(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_ABSENT = object()
+
+
+def differing_settings(recorded: dict, settings: dict) -> list[str]:
+    """The top-level names (sorted) whose values differ between two settings dicts compared
+    in canonical form, a name present in only one of them included; empty when they agree."""
+    a, b = canonical_settings(recorded), canonical_settings(settings)
+    return sorted(k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT))
 
 
 def path_digest(path: str) -> str:
@@ -82,10 +107,12 @@ def check_entry(path: str, settings: dict) -> tuple[str, str]:
         record = io_lib.read_json(rec_path)
     except (io_lib.DamagedFileError, OSError) as e:
         return "damaged", str(e)
-    if not isinstance(record, dict) or not isinstance(record.get("digest"), str) or "settings" not in record:
+    if not isinstance(record, dict) or not isinstance(record.get("digest"), str) \
+            or not isinstance(record.get("settings"), dict):
         return "damaged", f"{os.path.abspath(rec_path)} holds no settings and digest"
-    if record["settings"] != settings:
-        return "miss", "other settings"
+    differ = differing_settings(record["settings"], settings)
+    if differ:
+        return "miss", f"other settings (differing: {', '.join(differ)})"
     if not os.path.exists(path):
         return "damaged", f"{os.path.abspath(path)} is missing"
     try:
@@ -180,3 +207,26 @@ def cached(path: str, settings: dict, compute: Callable[[], T], save: Callable[[
     store(path, canon, value, save, describe)
     return value
 
+
+def training_folder(root: str, what: str, settings: dict) -> str:
+    """The checkpoint folder of `what`'s training with `settings`:
+    ``<root>/training/<what, spaces as underscores>-<settings_digest>``."""
+    return os.path.join(root, TRAINING_DIR, f"{what.replace(' ', '_')}-{settings_digest(settings)}")
+
+
+@contextlib.contextmanager
+def training_checkpointer(root: str, what: str, settings: dict, steps: int,
+                          log: Callable[[str], None] | None = None):
+    """A `pagjax.io.Checkpointer` for `what`'s training with `settings` (everything that
+    shapes the training), in `training_folder`: a killed run resumes from it (said in `log`
+    before the compilation, out of `steps` in all), a run with other settings gets another
+    folder and starts afresh. The folder is removed once the ``with`` body finished; a body
+    that raises (a kill, Ctrl-C) leaves it for the next run."""
+    path = training_folder(root, what, settings)
+    ckpt = io_lib.Checkpointer(path)
+    io_lib.log_resume(ckpt, what, steps, log)
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()
+    shutil.rmtree(path, ignore_errors=True)  # reached only when the body finished

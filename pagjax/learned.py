@@ -15,16 +15,15 @@ an entry per model, with the settings that made it and a digest):
 * or, with ``score_backend="score_model"``, the EDM score model (`pagjax.score_model`) in
   ``score_model/``, which also gives the paper protocol's unconditional score.
 
-Trainings checkpoint into ``learned/training/<what>-<settings digest>``, so a killed run
-resumes and a run with other settings starts afresh. Each model's key is the purpose key
-(`pagjax.keys`) of its name under ``LearnedConfig.seed``.
+Trainings checkpoint into ``learned/training/<what>-<settings digest>`` (the score model's
+into ``learned/score_model/training/``; `pagjax.cache.training_checkpointer`), so a killed
+run resumes and a run with other settings starts afresh. Each model's key is the purpose
+key (`pagjax.keys`) of its name under ``LearnedConfig.seed``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Callable
 
@@ -37,22 +36,6 @@ from pagjax.sweep_config import SweepConfig
 from pagjax.sweep_data import SweepData
 
 Log = Callable[[str], None]
-
-
-@contextlib.contextmanager
-def training_checkpointer(root: str, what: str, settings: dict, log: Log | None = None):
-    """Checkpoints of one learned model's training, in a folder named by its settings, so a
-    killed run resumes and a run with other settings starts afresh; removed once done."""
-    from pagjax import scores as scores_lib
-
-    path = os.path.join(root, "training", f"{what}-{scores_lib.fingerprint(cache_lib.canonical_settings(settings))}")
-    ckpt = io_lib.Checkpointer(path)
-    io_lib.log_resume(ckpt, what, settings["steps"], log)
-    try:
-        yield ckpt
-    finally:
-        ckpt.close()
-    shutil.rmtree(path, ignore_errors=True)  # reached only when training finished
 
 
 def data_identity(config: SweepConfig, data: SweepData) -> dict:
@@ -80,7 +63,7 @@ def autoencoder(config: SweepConfig, data: SweepData, root: str, log: Log = prin
         # said first: building a conv autoencoder compiles for seconds before its bar appears
         log(f"autoencoder: training {lc.ae_steps} steps ({lc.ae_arch}, {lc.ae_latent} latents) on "
             f"{data.x_train.shape[0]} images")
-        with training_checkpointer(root, "autoencoder", settings, log) as ckpt:
+        with cache_lib.training_checkpointer(root, "autoencoder", settings, lc.ae_steps, log) as ckpt:
             ae = ae_lib.train_autoencoder(jnp.asarray(data.x_train), latent_dim=lc.ae_latent, steps=lc.ae_steps,
                                           key=purpose_key(lc.seed, "autoencoder"), learning_rate=lc.ae_lr,
                                           arch=lc.ae_arch, hidden=lc.ae_hidden, features=lc.ae_features,
@@ -132,7 +115,7 @@ def denoiser_maps(config: SweepConfig, data: SweepData, root: str, x_eval, y_eva
         # every image twice: with its label and with the null label k (module docstring)
         x2 = jnp.concatenate([jnp.asarray(data.x_train)] * 2)
         y2 = jnp.concatenate([jnp.asarray(data.y_train, jnp.int32), jnp.full((data.x_train.shape[0],), k, jnp.int32)])
-        with training_checkpointer(root, "denoiser", settings, log) as ckpt:
+        with cache_lib.training_checkpointer(root, "denoiser", settings, lc.den_steps, log) as ckpt:
             den = scores_lib.train_denoiser(x2, y2, noise_levels=s, steps=lc.den_steps,
                                             key=purpose_key(lc.seed, "denoiser"), conditional=True,
                                             num_classes=k + 1, learning_rate=lc.den_lr, width=lc.den_width,

@@ -1,7 +1,8 @@
 """A sweep's output folder: preparing it, and the state a resume reads back.
 
 `prepare_output` creates the folder or checks that the run already there has the same
-settings (``config.json``), refusing with `SettingsMismatchError` otherwise. Finished
+settings (``config.json``, compared as the cache compares them:
+`pagjax.cache.differing_settings`), refusing with `SettingsMismatchError` otherwise. Finished
 methods leave ``points/<method>.json`` (their rows) and ``points/<method>_gradients.npz``
 (their gradient grids): `save_points` writes them and `load_points` reads them back,
 checked against the settings, so that a rerun skips the method.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from pagjax import cache as cache_lib
 from pagjax import io as io_lib
 from pagjax import metrics as metrics_lib
 from pagjax import results as results_lib
@@ -79,8 +81,8 @@ def prepare_output(out_dir: str, config: SweepConfig, overwrite: bool) -> None:
             if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
                 raise io_lib.DamagedFileError(f"{os.path.abspath(path)} is damaged (no settings record)")
             old = record["settings"]
-            if old != settings:
-                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            diff = cache_lib.differing_settings(old, settings)
+            if diff:
                 problem = f"{out_dir} holds a sweep with different settings (differing: {', '.join(diff)})"
                 if "strategy" in diff and isinstance(old.get("strategy"), dict):
                     # vmap, loop and sharded round differently, so a resume must keep the strategy

@@ -577,34 +577,23 @@ def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelCon
                        log=print, *, checkpoint_every: int = 500, progress="score model") -> ScoreModel:
     """The score model cached in ``directory/model`` (`pagjax.cache`) when it was trained
     with ``settings`` (JSON-able: the data's identity and everything that shapes training),
-    else trained (checkpointed every ``checkpoint_every`` steps in ``directory/ckpt``, so a
-    killed run resumes) and saved. ``progress``: the engine's (a bar's name, a callback or None)."""
+    else trained and saved, checkpointed every ``checkpoint_every`` steps in
+    ``directory/training/score_model-<settings digest>`` (`pagjax.cache.training_checkpointer`:
+    a killed run resumes, one with other settings starts afresh). ``progress``: the
+    engine's (a bar's name, a callback or None)."""
     import os
-    import shutil
     import time
 
     from pagjax import cache as cache_lib
-    from pagjax import io as io_lib
 
     settings = cache_lib.canonical_settings({**settings, "config": dataclasses.asdict(config)})
 
     def train() -> ScoreModel:
         t = time.perf_counter()
         log(f"score model: training {config.steps} steps (U-Net, channels {list(config.channels)})")
-        ck_dir = os.path.join(directory, "ckpt")
-        ck_settings = os.path.join(directory, "ckpt_settings.json")
-        # resume only a run with the same settings; another run's checkpoints are discarded
-        if os.path.exists(ck_dir) and not (os.path.isfile(ck_settings) and io_lib.read_json(ck_settings) == settings):
-            shutil.rmtree(ck_dir)
-        os.makedirs(directory, exist_ok=True)
-        io_lib.write_json(ck_settings, settings)
-        ck = io_lib.Checkpointer(ck_dir)
-        io_lib.log_resume(ck, "score model", config.steps, log)  # said before the compilation
-        try:
+        with cache_lib.training_checkpointer(directory, "score model", settings, config.steps, log) as ck:
             model, _ = train_score_model(x, y, config, key, checkpointer=ck, checkpoint_every=checkpoint_every,
                                          progress=progress)
-        finally:
-            ck.close()
         log(f"score model: trained {config.steps} steps in {time.perf_counter() - t:.0f} s")
         return model
 

@@ -165,6 +165,45 @@ def test_settings_must_be_json():
         cache.canonical_settings([1])
 
 
+def test_settings_digest_and_differences_use_the_canonical_form():
+    a = {"n": 5, "shape": (2, 3), "lr": np.float32(0.5)}
+    b = {"lr": 0.5, "shape": [2, 3], "n": 5}
+    assert cache.settings_digest(a) == cache.settings_digest(b) and len(cache.settings_digest(a)) == 64
+    assert cache.differing_settings(a, b) == []
+    assert cache.settings_digest({**a, "n": 6}) != cache.settings_digest(a)
+    # a changed value, a name only one side has (even holding None), each named once, sorted
+    assert cache.differing_settings({**a, "gone": None}, {**b, "n": 6, "new": 1}) == ["gone", "n", "new"]
+
+
+def test_other_settings_miss_names_them_and_a_record_without_a_settings_dict_is_damaged(tmp_path, counter):
+    path = str(tmp_path / "thing")
+    counter.run(path, {"n": 5, "m": 1}, [])
+    assert cache.check_entry(path, {"n": 6, "m": 1}) == ("miss", "other settings (differing: n)")
+    record = json.load(open(path + ".json"))
+    json.dump({**record, "settings": [5]}, open(path + ".json", "w"))
+    state, why = cache.check_entry(path, {"n": 5, "m": 1})
+    assert state == "damaged" and "holds no settings and digest" in why
+
+
+def test_training_checkpointer_is_keyed_by_settings_and_removed_once_finished(tmp_path):
+    root, logs = str(tmp_path), []
+    tree = {"w": np.arange(3.0)}
+    with pytest.raises(KeyboardInterrupt):  # a kill mid-training leaves the checkpoints
+        with cache.training_checkpointer(root, "the model", {"steps": 4, "lr": 0.1}, 4, logs.append) as ckpt:
+            ckpt.save(2, tree)
+            raise KeyboardInterrupt
+    folder = cache.training_folder(root, "the model", {"lr": 0.1, "steps": 4})
+    assert os.path.basename(folder) == "the_model-" + cache.settings_digest({"steps": 4, "lr": 0.1})
+    assert os.listdir(os.path.join(root, "training")) == [os.path.basename(folder)]
+    with cache.training_checkpointer(root, "the model", {"steps": 4, "lr": 0.2}, 4, logs.append) as ckpt:
+        assert ckpt.directory != folder and ckpt.latest_step() is None  # other settings: afresh
+    assert logs == [] and os.listdir(os.path.join(root, "training")) == [os.path.basename(folder)]
+    with cache.training_checkpointer(root, "the model", {"lr": 0.1, "steps": 4}, 4, logs.append) as ckpt:
+        assert ckpt.directory == folder and ckpt.latest_step() == 2
+    assert logs == ["the model: resuming from the checkpoint at step 2 of 4"]
+    assert not os.path.exists(folder)  # finished: removed
+
+
 # --------------------------------------------------------------------------- purpose keys
 
 

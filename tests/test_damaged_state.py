@@ -225,6 +225,45 @@ def test_results_without_a_readable_matching_settings_record_are_refused(case, t
     assert json.load(open(os.path.join(out, "config.json")))["settings"] == TINY.settings()
 
 
+def _edit_settings(edit):
+    def damage(out):
+        path = os.path.join(out, "config.json")
+        record = json.load(open(path))
+        edit(record["settings"])
+        open(path, "w").write(json.dumps(record))
+    return damage
+
+
+# (id, edit of the recorded settings, the differing fields the refusal must name)
+OTHER_SETTINGS_CASES = [
+    ("value-changed", lambda s: s.update(n_train=999), "differing: n_train)"),
+    ("field-missing", lambda s: s.pop("steps"), "differing: steps)"),
+    ("field-extra", lambda s: s.update(retired_option=None), "differing: retired_option)"),
+    ("two-fields", lambda s: s.update(n_train=999, n_test=1), "differing: n_test, n_train)"),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_SETTINGS_CASES, ids=[c[0] for c in OTHER_SETTINGS_CASES])
+def test_results_with_other_settings_are_refused_naming_what_differs(case, tmp_path):
+    name, edit, message = case
+    out = str(tmp_path)
+    _fake_run(out)
+    _edit_settings(edit)(out)
+    with pytest.raises(SettingsMismatchError, match="different settings") as e:
+        experiment.prepare_output(out, TINY, overwrite=False)
+    assert message in str(e.value)
+    assert open(os.path.join(out, "results.csv")).read() == "old"
+
+
+def test_the_same_settings_resume_however_their_record_spells_the_numbers(tmp_path):
+    out = str(tmp_path)
+    _fake_run(out)
+    # JSON keeps 0.0 as 0.0, but a record written by hand may hold 0: the same setting
+    _edit_settings(lambda s: s["strengths"].update(noise=[0, 0.5]))(out)
+    experiment.prepare_output(out, TINY, overwrite=False)
+    assert open(os.path.join(out, "results.csv")).read() == "old"  # resumed, nothing deleted
+
+
 def test_the_resolved_strategy_is_a_setting():
     assert TINY.settings()["strategy"] == TINY.resolved_strategies()
     assert "auto" not in TINY.settings()["strategy"].values()

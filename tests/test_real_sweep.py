@@ -216,7 +216,7 @@ def test_fashion_mnist_sweep_resumes_a_run_killed_while_learning_its_score(tmp_p
 
     out = str(tmp_path / "fashion_mnist")
     argv = ["--dataset", "fashion_mnist", "--out", out, *TINY_CLI]
-    checkpoints.kill_after("ckpt", 2)  # the score model's checkpoints (learned/score_model/ckpt)
+    checkpoints.kill_after("score_model", 2)  # learned/score_model/training/score_model-<settings digest>
     with pytest.raises(Killed):
         sweep_eps.main(argv)
     first = capsys.readouterr()
@@ -229,7 +229,7 @@ def test_fashion_mnist_sweep_resumes_a_run_killed_while_learning_its_score(tmp_p
     assert "data: fashion_mnist, 20 train + 10 test" in second.out and "loading" not in second.err
     assert "autoencoder: loaded from cache" in second.out
     assert "score model: resuming from the checkpoint at step 2 of 4" in second.out
-    assert ("ckpt", 2) in checkpoints.restored
+    assert ("score_model", 2) in checkpoints.restored
     assert "score model: trained 4 steps" in second.out and "noise: 2 models trained and measured" in second.out
     assert "%|" not in second.err
     assert len(_results(out)) == 2

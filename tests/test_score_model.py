@@ -8,7 +8,9 @@ samples: 0.999 / 0.999 and 0.72; see benchmarks/bench_score_model.py).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +201,69 @@ def test_save_load_cache_and_reference_maps(tmp_path):
     np.testing.assert_allclose(refs["paper_score_maps"], sm.score(m1, x[:5], 0.5), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(refs["learned_bayes_maps"], sm.bayes_gradient(m1, x[:5], 0.3, y[:5]), rtol=1e-4,
                                atol=1e-4)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_cached_training_resumes_from_its_settings_folder_and_other_settings_start_afresh(
+        tmp_path, monkeypatch):
+    from pagjax import cache as cache_lib
+
+    x, y = _toy_data()
+    cfg = dataclasses.replace(TINY, num_classes=3)
+    directory = str(tmp_path / "sm")
+    full_settings = cache_lib.canonical_settings({"data": "toy", "config": dataclasses.asdict(cfg)})
+    folder = cache_lib.training_folder(directory, "score model", full_settings)
+    assert folder == os.path.join(directory, "training", "score_model-" + cache_lib.settings_digest(full_settings))
+    # the old layout's checkpoint folder and settings file: never read, whatever they say
+    old = io_lib.Checkpointer(os.path.join(directory, "ckpt"))
+    old.save(15, {"junk": jnp.zeros(3)})
+    old.close()
+    io_lib.write_json(os.path.join(directory, "ckpt_settings.json"), full_settings)
+    restored = []
+    restore = io_lib.Checkpointer.restore_latest
+
+    def recording(self, like):
+        out = restore(self, like)
+        restored.append((self.directory, None if out is None else out[0]))
+        return out
+
+    monkeypatch.setattr(io_lib.Checkpointer, "restore_latest", recording)
+
+    def kill_at_10(p):
+        if p.step >= 10:  # right after the checkpoint of step 10
+            raise _Killed
+
+    def run(data_name, data, progress=None, logs=None):
+        return sm.cached_score_model(directory, data, y, cfg, jax.random.key(0), {"data": data_name},
+                                     log=(logs if logs is not None else []).append, checkpoint_every=10,
+                                     progress=progress)
+
+    with pytest.raises(_Killed):
+        run("toy", x, kill_at_10)
+    assert restored == [(folder, None)]
+    assert os.listdir(os.path.join(directory, "training")) == [os.path.basename(folder)]
+    with contextlib.closing(io_lib.Checkpointer(folder)) as ck:
+        assert ck.latest_step() == 10
+
+    # other settings: another folder, from step 0; the killed run's folder is left as it was
+    run("other", 0.5 * x)
+    assert len(restored) == 2 and restored[1][0] != folder and restored[1][1] is None
+    assert not os.path.exists(restored[1][0])  # removed once its training finished
+    with contextlib.closing(io_lib.Checkpointer(folder)) as ck:
+        assert ck.latest_step() == 10
+
+    # the same settings again: resumed from step 10, the same model as an uninterrupted run
+    logs = []
+    resumed = run("toy", x, logs=logs)
+    assert restored[2] == (folder, 10)
+    assert "score model: resuming from the checkpoint at step 10 of 20" in logs
+    assert not os.path.exists(folder) and os.listdir(os.path.join(directory, "training")) == []
+    assert all(d != os.path.join(directory, "ckpt") for d, _ in restored)
+    full, _ = sm.train_score_model(x, y, cfg, jax.random.key(0), progress=None)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-6), resumed.params, full.params)
 
 
 def test_noise_classifier_gives_a_direct_bayes_gradient_on_linear_manifold():
