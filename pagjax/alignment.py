@@ -25,17 +25,17 @@ standard deviation (cosine then becomes the Pearson correlation), ``"none"`` lea
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
-from pagjax import gradients, numerics, validation
+from pagjax import chunks, gradients, numerics, validation
 from pagjax import lpips as lpips_lib
 from pagjax import scores as scores_lib
+from pagjax.static import Static
 
 Array = jax.Array
 
@@ -225,57 +225,36 @@ class AlignmentResult:
 # --------------------------------------------------------------------------- core
 
 
-class _ByIdentity:
-    """Wraps an unhashable callable so it can be a static `jit` argument (same object ->
-    same compiled function)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-    def __hash__(self):
-        return id(self.fn)
-
-    def __eq__(self, other):
-        return isinstance(other, _ByIdentity) and other.fn is self.fn
-
-
-def _hashable(fn):
-    if fn is None:
-        return None
-    try:
-        hash(fn)
-        return fn
-    except TypeError:
-        return _ByIdentity(fn)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Static:
-    apply_fn: Callable
-    score_fn: Callable | None  # callable score(x) -> maps (user-given), else None
+class _ChunkSettings:
+    """The static settings of one chunk's computation (part of the `jit` cache key)."""
+
     target: str
     metrics: tuple
     normalization: str
     options: MapOptions
 
 
-def _chunk(st: _Static, params, lpips_params, source, noise_level, x, labels, smaps):
-    """Metrics for one chunk: gradients, score maps (if not given), comparison."""
-    grads = gradients.input_gradients(st.apply_fn, params, x, labels, target=st.target)
+def _chunk(apply_fn, score_fn, source_fn, settings: _ChunkSettings, params, lpips_params, source_params,
+           noise_level, x, labels, smaps):
+    """Metrics for one chunk: gradients, score maps (if not given), comparison.
+
+    `apply_fn`, `score_fn` (a callable score(x) -> maps, or None) and `source_fn` (a
+    `ScoreSource`'s fn, or None) are `Static`; `source_params` are the source's arrays.
+    """
+    grads = gradients.input_gradients(apply_fn, params, x, labels, target=settings.target)
     if smaps is None:
-        if source is not None:
-            smaps = source(x, labels, noise_level=noise_level)
+        if source_fn is not None:
+            smaps = source_fn(source_params, x, labels, noise_level)
         else:
-            smaps = st.score_fn(x)
+            smaps = score_fn(x)
     smaps = jnp.reshape(smaps, grads.shape).astype(grads.dtype)
-    out = compare_maps(grads, smaps, st.metrics, st.normalization, lpips_params=lpips_params, options=st.options)
+    out = compare_maps(grads, smaps, settings.metrics, settings.normalization, lpips_params=lpips_params,
+                       options=settings.options)
     return out, numerics.per_example_norm(grads)
 
 
-_chunk_jit = jax.jit(_chunk, static_argnums=(0,))
+_chunk_jit = jax.jit(_chunk, static_argnums=(0, 1, 2, 3))
 
 
 def _check_metrics(metrics) -> tuple:
@@ -287,10 +266,6 @@ def _check_metrics(metrics) -> tuple:
     for m in metrics:
         validation.check_choice("metric", m, METRICS)
     return metrics
-
-
-def _is_concrete(*xs) -> bool:
-    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(xs))
 
 
 def grad_align(
@@ -375,7 +350,7 @@ def grad_align(
         if score.needs_labels and labels is None:
             raise ValueError(f"labels are required for the class-conditional score source {score.name!r}")
         if cache is not None:
-            if not _is_concrete(x, labels):
+            if not validation._is_concrete((x, labels)):
                 raise ValueError("cache= needs concrete inputs (call grad_align outside jit)")
             smaps = scores_lib.compute_scores(
                 score, x, labels, noise_level=noise_level, cache=cache, chunk_size=chunk_size
@@ -407,23 +382,21 @@ def grad_align(
         if lsize != (h, w):
             notes.append(f"lpips {lnet.net}: {h}x{w} maps upsampled (bilinear) to {lsize[0]}x{lsize[1]}")
         lpips_params, lnet_name = lnet.params, lnet.net
-    st = _Static(
-        apply_fn=_hashable(apply_fn),
-        score_fn=_hashable(score_fn),
-        target=target,
-        metrics=metrics,
-        normalization=normalization,
-        options=MapOptions(lpips_net=lnet_name, lpips_size=lsize, ssim_max_val=ssim_max_val),
-    )
+    settings = _ChunkSettings(target=target, metrics=metrics, normalization=normalization,
+                              options=MapOptions(lpips_net=lnet_name, lpips_size=lsize, ssim_max_val=ssim_max_val))
     s_arr = None if noise_level is None else jnp.asarray(noise_level, jnp.float32)
-
-    n = x.shape[0]
-    if chunk_size is None or chunk_size >= n:
-        per, gnorm = _chunk_jit(st, params, lpips_params, source, s_arr, x, labels, smaps)
-    elif _is_concrete(x, labels, smaps):
-        per, gnorm = _python_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size)
-    else:
-        per, gnorm = _scan_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size)
+    run = functools.partial(
+        _chunk_jit,
+        Static(apply_fn),
+        None if score_fn is None else Static(score_fn),
+        None if source is None else Static(source.fn),
+        settings,
+        params,
+        lpips_params,
+        None if source is None else source.params,
+        s_arr,
+    )
+    per, gnorm = chunks.map_chunks(lambda xs: run(*xs), (x, labels, smaps), chunk_size)
 
     mean = {k: jnp.mean(v) for k, v in per.items()}
     return AlignmentResult(
@@ -432,52 +405,7 @@ def grad_align(
         grad_norm=gnorm,
         target=target,
         normalization=normalization,
-        noise_level=None if noise_level is None or not _is_concrete(noise_level) else float(noise_level),
+        noise_level=None if noise_level is None or not validation._is_concrete(noise_level) else float(noise_level),
         metrics=metrics,
         notes=tuple(notes),
     )
-
-
-def _pad_to(a, size):
-    """Pad the batch axis of `a` to `size` by repeating its last example."""
-    if a is None or a.shape[0] == size:
-        return a
-    reps = size - a.shape[0]
-    return np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], reps, axis=0)], axis=0)
-
-
-def _python_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size):
-    """Host loop over fixed-size jitted chunks (last chunk padded: one compilation)."""
-    n = x.shape[0]
-    outs, norms = [], []
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        take = lambda a: None if a is None else _pad_to(a[start:stop], chunk_size)  # noqa: E731
-        per, g = _chunk_jit(st, params, lpips_params, source, s_arr, take(x), take(labels), take(smaps))
-        k = stop - start
-        outs.append(jax.tree.map(lambda v: v[:k], per))
-        norms.append(g[:k])
-    per = {m: jnp.concatenate([o[m] for o in outs]) for m in outs[0]}
-    return per, jnp.concatenate(norms)
-
-
-def _scan_chunks(st, params, lpips_params, source, s_arr, x, labels, smaps, chunk_size):
-    """Traced inputs: pad to a multiple of `chunk_size` and `lax.map` over chunks."""
-    n = x.shape[0]
-    k = math.ceil(n / chunk_size)
-    pad = k * chunk_size - n
-
-    def prep(a):
-        if a is None:
-            return None
-        if pad:
-            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
-        return jnp.reshape(a, (k, chunk_size, *a.shape[1:]))
-
-    def body(args):
-        xc, yc, sc = args
-        return _chunk(st, params, lpips_params, source, s_arr, xc, yc, sc)
-
-    per, g = jax.lax.map(body, (prep(x), prep(labels), prep(smaps)))
-    flat = lambda v: jnp.reshape(v, (k * chunk_size,))[:n]  # noqa: E731
-    return jax.tree.map(flat, per), flat(g)

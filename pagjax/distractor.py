@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagjax import numerics, validation
+from pagjax.static import Static
 
 Array = jax.Array
 
@@ -118,7 +119,7 @@ def half_masks(signal_slot: Array, shape: tuple[int, ...]) -> tuple[Array, Array
     return sig, 1.0 - sig
 
 
-@partial(jax.jit, static_argnums=(0, 6))
+@partial(jax.jit, static_argnums=(0, 6))  # apply_fn is a `Static`
 def _changes(apply_fn, variables, x, signal_slot, levels, key, num_draws):
     sig, dis = half_masks(signal_slot, x.shape)
     p0 = jax.nn.softmax(apply_fn(variables, x))
@@ -153,7 +154,8 @@ def noise_sensitivity(apply_fn, variables, x, signal_slot, noise_levels, key, *,
     validation.check_positive_int("num_draws", num_draws)
     if np.asarray(signal_slot).shape != (x.shape[0],):
         raise ValueError(f"signal_slot must have shape ({x.shape[0]},), got {np.asarray(signal_slot).shape}")
-    cs, cd = _changes(apply_fn, variables, jnp.asarray(x), jnp.asarray(signal_slot), jnp.asarray(levels), key, num_draws)
+    cs, cd = _changes(Static(apply_fn), variables, jnp.asarray(x), jnp.asarray(signal_slot), jnp.asarray(levels),
+                      key, num_draws)
     ms, md = jnp.mean(cs, 1), jnp.mean(cd, 1)
     return {"levels": levels, "signal": np.asarray(cs), "distractor": np.asarray(cd),
             "signal_change": np.asarray(ms), "distractor_change": np.asarray(md),

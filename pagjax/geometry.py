@@ -28,6 +28,7 @@ import numpy as np
 from pagjax import cache as cache_lib
 from pagjax import io as io_lib
 from pagjax import validation
+from pagjax.static import Static
 
 Array = jax.Array
 
@@ -273,13 +274,13 @@ def tangent_basis_from_generator(
     Returns:
       `TangentBasis` with ``basis`` (n, d, min(d, m)) and ``rank`` (n,).
 
-    The computation is jitted with ``generator`` as a static argument: pass the same
-    generator object again to reuse the compiled function.
+    The computation is jitted with ``generator`` as a static argument (`pagjax.static.Static`):
+    pass the same generator object again to reuse the compiled function.
     """
     validation.check_images("z", z, ranks=(2,))
     validation.check_positive("rank_tol", rank_tol)
     validation.check_choice("method", method, ORTHO_METHODS)
-    return _tangent_basis_jit(generator, z, rank_tol, method, direction_chunk, example_chunk)
+    return _tangent_basis_jit(Static(generator), z, rank_tol, method, direction_chunk, example_chunk)
 
 
 def _tangent_basis_impl(generator, z, rank_tol, method, direction_chunk, example_chunk):

@@ -19,14 +19,14 @@ directions for every model, so models are compared on common random numbers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagjax import geometry, numerics, validation
+from pagjax import chunks, geometry, numerics, validation
+from pagjax.static import Static
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
@@ -109,14 +109,6 @@ def _check_directions(name: str, v, x, min_directions: int = 0) -> None:
         raise ValueError(f"{name} must have shape (n={n}, R, d={d}), got {shape}")
 
 
-def _hashable(obj) -> bool:
-    try:
-        hash(obj)
-        return True
-    except TypeError:
-        return False
-
-
 # --------------------------------------------------------------------------- directions
 
 
@@ -168,19 +160,6 @@ _directions_jit = jax.jit(_directions, static_argnums=(2, 3))
 # --------------------------------------------------------------------------- softmax change
 
 
-def _apply_chunked(apply_fn, params, xs, batch_size):
-    """apply_fn over a big batch xs (N, ...), in chunks of `batch_size` via lax.map."""
-    total = xs.shape[0]
-    if batch_size is None or batch_size >= total:
-        return apply_fn(params, xs)
-    chunks = -(-total // batch_size)
-    pad = chunks * batch_size - total
-    padded = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)]) if pad else xs
-    blocks = padded.reshape((chunks, batch_size) + xs.shape[1:])
-    out = jax.lax.map(lambda b: apply_fn(params, b), blocks)
-    return out.reshape((chunks * batch_size,) + out.shape[2:])[:total]
-
-
 def _softmax_change(apply_fn, params, x, directions, eps, batch_size):
     """(l1, l2) of shape (n, E, R): change of softmax(f) at x + eps * direction."""
     n, r = directions.shape[:2]
@@ -191,7 +170,7 @@ def _softmax_change(apply_fn, params, x, directions, eps, batch_size):
     # Clean and perturbed inputs go through the model in one call: one big batch uses
     # the CPU's cores better than two (XLA:CPU parallelises large batches only).
     both = jnp.concatenate([x.reshape((n,) + img), pert.reshape((n * e * r,) + img)])
-    logits = _apply_chunked(apply_fn, params, both, batch_size)
+    logits = chunks.map_chunks(lambda b: apply_fn(params, b), both, batch_size)
     if logits.ndim != 2 or logits.shape[0] != n * (1 + e * r):
         raise ValueError(f"apply_fn must return logits of shape (batch, classes), got {logits.shape}")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -224,12 +203,11 @@ def softmax_change(
     _check_directions("directions", directions, x)
     if batch_size is not None:
         validation.check_positive_int("batch_size", batch_size)
-    return _jit_softmax_change(apply_fn, params, x, directions, jnp.asarray(eps_arr), batch_size)
+    return _softmax_change_jit(Static(apply_fn), params, x, directions, jnp.asarray(eps_arr), batch_size)
 
 
-@partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
-def _jit_softmax_change(apply_fn, params, x, directions, eps, batch_size):
-    return _softmax_change(apply_fn, params, x, directions, eps, batch_size)
+# apply_fn (a `Static`) and batch_size are static
+_softmax_change_jit = jax.jit(_softmax_change, static_argnums=(0, 5))
 
 
 # --------------------------------------------------------------------------- on/off manifold
@@ -256,15 +234,9 @@ def _change_impl(apply_fn, params, x, tangent, normal, eps, batch_size):
     )
 
 
-_on_off_jit = jax.jit(_on_off_impl, static_argnames=("apply_fn", "num_directions", "batch_size"))
-_change_jit = jax.jit(_change_impl, static_argnames=("apply_fn", "batch_size"))
-
-
-def _call(jitted, impl, apply_fn, static: dict, *args):
-    """A jitted impl with apply_fn static; unhashable apply_fns get a one-off jit."""
-    if _hashable(apply_fn):
-        return jitted(apply_fn, *args, **static)
-    return jax.jit(partial(impl, apply_fn, **static))(*args)
+# apply_fn (a `Static`), num_directions and batch_size are static
+_on_off_jit = jax.jit(_on_off_impl, static_argnums=(0, 6, 7))
+_change_jit = jax.jit(_change_impl, static_argnums=(0, 6))
 
 
 def on_off_manifold_change(
@@ -303,8 +275,7 @@ def on_off_manifold_change(
     validation.check_positive_int("num_directions", num_directions)
     if batch_size is not None:
         validation.check_positive_int("batch_size", batch_size)
-    return _call(_on_off_jit, _on_off_impl, apply_fn, dict(num_directions=num_directions, batch_size=batch_size),
-                 params, x, basis, eps_arr, key)
+    return _on_off_jit(Static(apply_fn), params, x, basis, eps_arr, key, num_directions, batch_size)
 
 
 def on_off_change(
@@ -340,8 +311,7 @@ def on_off_change(
         raise ValueError(f"directions.tangent {tangent.shape} and directions.normal {normal.shape} differ in shape")
     if batch_size is not None:
         validation.check_positive_int("batch_size", batch_size)
-    return _call(_change_jit, _change_impl, apply_fn, dict(batch_size=batch_size),
-                 params, x, tangent, normal, eps_arr)
+    return _change_jit(Static(apply_fn), params, x, tangent, normal, eps_arr, batch_size)
 
 
 # --------------------------------------------------------------------------- gradient fraction

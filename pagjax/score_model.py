@@ -45,9 +45,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from pagjax import engine
+from pagjax import chunks, engine
 from pagjax import scores as scores_lib
 from pagjax import validation
+from pagjax.static import Static
 
 Array = jax.Array
 ARCHS = ("unet", "mlp")
@@ -396,23 +397,16 @@ def train_score_model(
 SOURCE_KINDS = ("score", "class_score", "bayes_gradient")
 
 
-@dataclasses.dataclass(frozen=True)
-class _ModelFn:
-    """Hashable (by configuration) ``fn(params, x, y, s)`` of a `ScoreSource`."""
-
-    config: ScoreModelConfig
-    image_shape: tuple
-    sigma_data: float
-    kind: str
-
-    def __call__(self, params, x, y, s):
-        m = ScoreModel(params=params["params"], mean=params["mean"], sigma_data=self.sigma_data, config=self.config,
-                       image_shape=self.image_shape)
-        if self.kind == "score":
-            return score(m, x, s)
-        if self.kind == "class_score":
-            return score(m, x, s, y)
-        return bayes_gradient(m, x, s, y)
+def _model_maps(config: ScoreModelConfig, image_shape: tuple, sigma_data: float, kind: str, params, x, y, s):
+    """A `ScoreSource`'s ``fn(params, x, y, s)`` of a score model, bound to the model's
+    configuration by `Static` (one compilation serves every model of one configuration)."""
+    m = ScoreModel(params=params["params"], mean=params["mean"], sigma_data=sigma_data, config=config,
+                   image_shape=image_shape)
+    if kind == "score":
+        return score(m, x, s)
+    if kind == "class_score":
+        return score(m, x, s, y)
+    return bayes_gradient(m, x, s, y)
 
 
 def score_source(model: ScoreModel, kind: str = "score", *, name: str | None = None) -> scores_lib.ScoreSource:
@@ -425,7 +419,8 @@ def score_source(model: ScoreModel, kind: str = "score", *, name: str | None = N
     if name is None:
         name = f"score-model-{kind}-" + scores_lib.fingerprint([model.config, list(model.image_shape), model.sigma_data,
                                                                   model.params, model.mean])
-    return scores_lib.ScoreSource(fn=_ModelFn(model.config, tuple(model.image_shape), float(model.sigma_data), kind),
+    fn = Static(_model_maps, model.config, tuple(model.image_shape), float(model.sigma_data), kind)
+    return scores_lib.ScoreSource(fn=fn,
                                   params={"params": model.params, "mean": model.mean},
                                   needs_labels=kind != "score", kind="learned", name=name)
 
@@ -474,11 +469,7 @@ def wiener_mse(w: WienerFilter, sigma) -> Array:
 # --------------------------------------------------------------------------- report
 
 
-def _chunked(fn, x, y, chunk):
-    outs = []
-    for i in range(0, x.shape[0], chunk):
-        outs.append(fn(x[i:i + chunk], None if y is None else y[i:i + chunk]))
-    return jnp.concatenate(outs)
+_denoise_jit = jax.jit(denoise)  # the model is a pytree: one compilation per configuration
 
 
 def denoising_report(
@@ -495,15 +486,15 @@ def denoising_report(
     has classes and ``y_test`` is given), the noisy input, and the Wiener filter, all on the
     same noisy draws ``x_test + sigma n``. ``ratio_to_wiener`` = model / Wiener."""
     x_test = jnp.asarray(x_test, jnp.float32)
-    den = jax.jit(lambda xn, s, yy: denoise(model, xn, s, yy))
     rows = []
     for i, s in enumerate(sigmas):
         xn = x_test + s * jax.random.normal(jax.random.fold_in(key, i), x_test.shape)
         mse = lambda d: float(jnp.mean(jnp.square(d - x_test)))  # noqa: E731
         row = {"sigma": float(s), "mse_noisy": mse(xn), "mse_wiener": mse(wiener_denoise(wiener, xn, s)),
-               "mse_model": mse(_chunked(lambda a, b: den(a, s, None), xn, None, chunk))}
+               "mse_model": mse(chunks.map_chunks(lambda a: _denoise_jit(model, a, s), xn, chunk))}
         if model.config.num_classes and y_test is not None:
-            row["mse_model_class"] = mse(_chunked(lambda a, b: den(a, s, b), xn, jnp.asarray(y_test), chunk))
+            row["mse_model_class"] = mse(chunks.map_chunks(lambda ay: _denoise_jit(model, ay[0], s, ay[1]),
+                                                           (xn, jnp.asarray(y_test)), chunk))
         row["ratio_to_wiener"] = row["mse_model"] / row["mse_wiener"]
         rows.append(row)
     return rows

@@ -21,6 +21,7 @@ keeps the maps in an explicit `ScoreCache` (memory, optionally an on-disk npz di
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -35,9 +36,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from pagjax import engine
+from pagjax import chunks, engine
 from pagjax import io as io_lib
 from pagjax import validation
+from pagjax.static import Static
 
 Array = jax.Array
 
@@ -129,15 +131,9 @@ def _exact_bayes_gradient(m, x, y, s):
 _EXACT_FNS = {"score": _exact_score, "class_score": _exact_class_score, "bayes_gradient": _exact_bayes_gradient}
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ClosedExactFn:
-    """For manifolds that are not pytrees of arrays: close over the object."""
-
-    manifold: Any
-    kind: str
-
-    def __call__(self, params, x, y, s):
-        return _EXACT_FNS[self.kind](self.manifold, x, y, s)
+def _closed_exact(manifold, kind, params, x, y, s):
+    """For manifolds that are not pytrees of arrays: bound to the object (`Static`), no params."""
+    return _EXACT_FNS[kind](manifold, x, y, s)
 
 
 def _is_array_pytree(obj) -> bool:
@@ -178,7 +174,7 @@ def exact_score(manifold, kind: str = "score", *, name: str | None = None) -> Sc
     if _is_array_pytree(manifold):
         fn, params = _EXACT_FNS[kind], manifold
     else:
-        fn, params = _ClosedExactFn(manifold, kind), None
+        fn, params = Static(_closed_exact, manifold, kind), None
     return ScoreSource(fn=fn, params=params, needs_labels=kind != "score", kind=kind, name=name)
 
 
@@ -306,24 +302,21 @@ def _denoise(net, sigma_data, params, mean, x, s, y):
     return mean + c_skip * xc + c_out * f
 
 
-@dataclasses.dataclass(frozen=True)
-class _TweedieFn:
-    """Hashable (by configuration) score function of a denoiser: (D(x, s) - x) / s^2."""
-
-    config: tuple  # sorted items of Denoiser.config()
-
-    def __call__(self, params, x, y, s):
-        cfg = dict(self.config)
-        net = DenoiserNet(
-            image_shape=tuple(cfg["image_shape"]),
-            width=cfg["width"],
-            depth=cfg["depth"],
-            arch=cfg["arch"],
-            num_classes=cfg["num_classes"],
-        )
-        d = _denoise(net, cfg["sigma_data"], params["params"], params["mean"], x, s, y)
-        s = jnp.asarray(s, x.dtype)
-        return (d - x) / jnp.square(s)
+def _tweedie_score(config: tuple, params, x, y, s):
+    """(D(x, s) - x) / s^2 of the denoiser with configuration `config` (sorted items of
+    `Denoiser.config`): bound to it by `Static`, one compilation serves every denoiser of
+    one configuration."""
+    cfg = dict(config)
+    net = DenoiserNet(
+        image_shape=tuple(cfg["image_shape"]),
+        width=cfg["width"],
+        depth=cfg["depth"],
+        arch=cfg["arch"],
+        num_classes=cfg["num_classes"],
+    )
+    d = _denoise(net, cfg["sigma_data"], params["params"], params["mean"], x, s, y)
+    s = jnp.asarray(s, x.dtype)
+    return (d - x) / jnp.square(s)
 
 
 def learned_score(denoiser: Denoiser, *, name: str | None = None) -> ScoreSource:
@@ -337,7 +330,7 @@ def learned_score(denoiser: Denoiser, *, name: str | None = None) -> ScoreSource
     if name is None:
         name = "learned-" + fingerprint([cfg, denoiser.params, denoiser.mean])
     return ScoreSource(
-        fn=_TweedieFn(key),
+        fn=Static(_tweedie_score, key),
         params={"params": denoiser.params, "mean": denoiser.mean},
         needs_labels=denoiser.conditional,
         kind="learned",
@@ -556,11 +549,13 @@ class ScoreCache:
             io_lib.save_npz(os.path.join(self.directory, key + ".npz"), maps=arr)
 
 
-def _source_call(source, x, y, s):
-    return source(x, y, noise_level=s)
+def _source_maps(fn, params, x, y, s):
+    return fn(params, x, y, s)
 
 
-_source_jit = jax.jit(_source_call)
+# fn is a `Static` of the source's fn: its params are traced, so sources that differ only
+# in their arrays (two denoisers of one configuration) share one compilation
+_source_maps_jit = jax.jit(_source_maps, static_argnums=0)
 
 
 def compute_scores(
@@ -575,9 +570,11 @@ def compute_scores(
 ) -> Array:
     """Score maps of `source` at `noise_level` for a dataset `x` (labels `y` if needed).
 
-    Evaluated in jitted chunks of `chunk_size` examples (all at once by default). With a
-    `cache`, the maps are computed once per (dataset, source, noise level): later calls,
-    e.g. for every model of a sweep, return the stored maps.
+    Evaluated in jitted chunks of `chunk_size` examples (all at once by default; a NumPy
+    `x` reaches the device one chunk at a time). With a `cache`, the maps are computed once
+    per (dataset, source, noise level): later calls, e.g. for every model of a sweep, return
+    the stored maps. Without one it is pure and works under the caller's `jit` (chunks then
+    run through `lax.map`).
     """
     if not isinstance(source, ScoreSource):
         raise ValueError(f"source must be a ScoreSource, got {type(source).__name__}")
@@ -591,6 +588,8 @@ def compute_scores(
         validation.check_positive_int("chunk_size", chunk_size)
     key = stable = None
     if cache is not None:
+        if not validation._is_concrete((x, y, noise_level)):
+            raise ValueError("cache= needs concrete inputs (call compute_scores outside jit)")
         key, stable = cache.key(source, x, y if source.needs_labels else None, noise_level, dataset_id)
         hit = cache.get(key)
         if hit is not None:
@@ -601,19 +600,8 @@ def compute_scores(
         cache.misses += 1
     s = jnp.asarray(noise_level, jnp.float32)
     yy = y if source.needs_labels else None
-    n = x.shape[0]
-    cs = n if chunk_size is None else min(chunk_size, n)
-    parts = []
-    for start in range(0, n, cs):
-        stop = min(start + cs, n)
-        xc = np.asarray(x[start:stop]) if isinstance(x, np.ndarray) else x[start:stop]
-        yc = None if yy is None else yy[start:stop]
-        if stop - start < cs:  # pad the last chunk: one compilation
-            pad = cs - (stop - start)
-            xc = jnp.concatenate([jnp.asarray(xc), jnp.repeat(jnp.asarray(xc)[-1:], pad, 0)])
-            yc = None if yc is None else jnp.concatenate([jnp.asarray(yc), jnp.repeat(jnp.asarray(yc)[-1:], pad, 0)])
-        parts.append(_source_jit(source, xc, yc, s)[: stop - start])
-    maps = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    run = functools.partial(_source_maps_jit, Static(source.fn), source.params)
+    maps = chunks.map_chunks(lambda xs: run(*xs, s), (x, yy), chunk_size)
     if cache is not None:
         cache.put(key, maps, persist=stable)
     return maps

@@ -13,8 +13,9 @@ import jax
 import numpy as np
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _is_concrete(tree) -> bool:
+    """Whether no leaf of `tree` (a value or a pytree of them) is a tracer."""
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(tree))
 
 
 def check_strength(name: str, value) -> None:
