@@ -215,12 +215,37 @@ def read_checkpoint_config(path: str, what: str) -> dict:
     return read_json(cfg_path)
 
 
+def placed_like(restored, like):
+    """`restored` placed as `like` asks: arrays where `like` holds an uncommitted array or
+    only a shape come back uncommitted, like freshly computed ones.
+
+    orbax restores arrays committed to a device, and jit compiles a separate program (a
+    separate compile-cache entry) for committed inputs: without this, a resumed run or a
+    cached model compiled again every program that a fresh run had compiled. Committed
+    leaves of `like` (e.g. sharded over a mesh) keep orbax's placement.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def place(r, l):
+        if not isinstance(r, jax.Array) or not r.committed or getattr(l, "committed", False):
+            return r
+        if getattr(l, "sharding", None) is not None and not isinstance(l, jax.Array):
+            return r  # a shape that names its placement
+        if jax.dtypes.issubdtype(r.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(np.asarray(jax.random.key_data(r)), impl=jax.random.key_impl(r))
+        return jnp.asarray(np.asarray(r))
+
+    return jax.tree.map(place, restored, like)
+
+
 def restore_checkpoint_dir(path: str, name: str, like):
-    """The arrays saved by `save_checkpoint_dir`, restored into the structure of `like`."""
+    """The arrays saved by `save_checkpoint_dir`, restored into the structure of `like`
+    (placed as `placed_like` says)."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(os.path.abspath(path), name), like)
+        return placed_like(ckptr.restore(os.path.join(os.path.abspath(path), name), like), like)
 
 
 DIGEST_DIR = "digests"  # inside the checkpoint folder; orbax ignores names that are not steps
@@ -351,7 +376,8 @@ class Checkpointer:
             why = self._verify(step)
             if why is None:
                 try:
-                    return step, self.manager.restore(step, args=self._ocp.args.StandardRestore(like))
+                    return step, placed_like(self.manager.restore(step, args=self._ocp.args.StandardRestore(like)),
+                                             like)
                 except Exception as e:  # orbax raises many kinds for truncated or garbage files
                     # The digest matched, so either the files were bad before it was written or
                     # they hold another structure; moved aside (not deleted), both are kept.

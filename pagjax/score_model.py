@@ -433,16 +433,26 @@ class WienerFilter:
     """The best linear denoiser of data with mean ``mean`` and covariance U diag(lam) U^T."""
 
     mean: Array  # (d,)
-    basis: Array  # (d, d) eigenvectors (columns) of the training covariance
-    variances: Array  # (d,) eigenvalues lam >= 0
+    basis: Array  # (d, r) eigenvectors (columns) of the training covariance; r = d, or n < d (below)
+    variances: Array  # (r,) eigenvalues lam >= 0; the d - r directions left out have lam = 0
 
 
 def fit_wiener(x: Array) -> WienerFilter:
-    """Mean and PCA of the training set (closed form, float64 on the host)."""
+    """Mean and PCA of the training set (closed form, float64 on the host).
+
+    With fewer images than pixels (n < d) the covariance has rank below n, so the thin SVD of
+    the centred images gives all of its nonzero part in O(n^2 d) instead of an O(d^3)
+    eigendecomposition (20 CIFAR-10 images, d = 3072: 0.02 s instead of tens of seconds). The
+    directions left out have variance 0, hence gain 0: the filter is the same.
+    """
     a = np.asarray(x, np.float64).reshape(x.shape[0], -1)
     mu = a.mean(0)
-    cov = (a - mu).T @ (a - mu) / a.shape[0]
-    lam, u = np.linalg.eigh(cov)
+    n, d = a.shape
+    if n < d:
+        _, s, vt = np.linalg.svd(a - mu, full_matrices=False)
+        lam, u = np.square(s) / n, vt.T
+    else:
+        lam, u = np.linalg.eigh((a - mu).T @ (a - mu) / n)
     return WienerFilter(jnp.asarray(mu, jnp.float32), jnp.asarray(u, jnp.float32),
                         jnp.asarray(np.clip(lam, 0.0, None), jnp.float32))
 
@@ -461,9 +471,9 @@ def wiener_denoise(w: WienerFilter, x: Array, sigma) -> Array:
 
 def wiener_mse(w: WienerFilter, sigma) -> Array:
     """Expected per-coordinate MSE of the filter on its own training distribution:
-    mean over components of lam sigma^2 / (lam + sigma^2)."""
+    mean over the d components of lam sigma^2 / (lam + sigma^2) (those left out add 0)."""
     s2 = jnp.square(jnp.asarray(sigma, jnp.float32))
-    return jnp.mean(w.variances * s2 / (w.variances + s2))
+    return jnp.sum(w.variances * s2 / (w.variances + s2)) / w.mean.shape[0]
 
 
 # --------------------------------------------------------------------------- report
@@ -659,6 +669,7 @@ def train_noise_classifier(x: Array, y: Array, num_classes: int, config: ScoreMo
     return NoiseClassifierModel(res.state.ema, num_classes, width, depth)
 
 
+@jax.jit  # one program, not an op-by-op dispatch (and compilation) of every layer
 def classifier_bayes_gradient(clf: NoiseClassifierModel, x: Array, sigma, y: Array) -> Array:
     """grad_x log p_sigma(y | x) of the noise-conditional classifier: a direct estimate of the
     Bayes gradient (no difference of two nearly equal scores)."""

@@ -121,10 +121,11 @@ def test_sweep_cli_accepts_real_datasets(tmp_path, capsys):
 TINY_TFDS_DIR = os.path.join(os.path.dirname(__file__), "data", "tfds")  # make_tiny_tfds.py: 20 + 10 images each
 # The sweep command with each dataset's own defaults (autoencoder, EDM score model and noise
 # denoiser, 128 latents unless given), only shortened: 4 steps everywhere, a checkpoint
-# every 2, so a kill after the first checkpoint leaves work to resume.
+# every 2, so a kill after the first checkpoint leaves work to resume; vmap, not auto's
+# sharding over the faked devices (fewer compilations; the sharded sweep: test_sweep.py).
 TINY_CLI = ["--methods", "noise", "--strengths", "0,1", "--seeds", "0", "--steps", "4", "--batch-size", "10",
             "--ae-steps", "4", "--denoiser-steps", "4", "--score-model-steps", "4", "--ae-latent", "4", "--no-lpips", "--model", "mlp:width=16",
-            "--checkpoint-every", "2", "--data-dir", TINY_TFDS_DIR]
+            "--checkpoint-every", "2", "--data-dir", TINY_TFDS_DIR, "--strategy", "vmap"]
 
 
 class Killed(BaseException):

@@ -99,6 +99,23 @@ def test_wiener_filter_matches_closed_form_and_gaussian_optimum():
         assert worse > mc
 
 
+def test_wiener_filter_from_fewer_images_than_pixels_is_the_same_filter():
+    """n < d takes the thin SVD of the images: the same closed form, the same expected MSE."""
+    rng = np.random.default_rng(1)
+    n, d, sigma = 12, 40, 0.3
+    x0 = rng.normal(size=(n, d, 1, 1)).astype(np.float32)
+    w = sm.fit_wiener(x0)
+    assert w.basis.shape == (d, n) and w.variances.shape == (n,)
+    flat = x0.reshape(n, d).astype(np.float64)
+    s_hat = np.cov(flat.T, bias=True)
+    xn = rng.normal(size=(5, d)).astype(np.float32)
+    ref = flat.mean(0) + (xn - flat.mean(0)) @ np.linalg.solve(s_hat + sigma**2 * np.eye(d), s_hat).T
+    np.testing.assert_allclose(np.asarray(sm.wiener_denoise(w, jnp.asarray(xn.reshape(5, d, 1, 1)), sigma)).reshape(5, d),
+                               ref, atol=1e-5)
+    lam = np.clip(np.linalg.eigvalsh(s_hat), 0.0, None)
+    assert float(sm.wiener_mse(w, sigma)) == pytest.approx(np.mean(lam * sigma**2 / (lam + sigma**2)), rel=1e-5)
+
+
 # --------------------------------------------------------------------------- training, Tweedie, adapter
 
 
