@@ -127,6 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-model-steps", type=int, default=None,
                    help="real data: score model training steps (default 800 on MNIST / Fashion-MNIST, 1000 on colour images)")
     p.add_argument("--normal-offset", type=float, default=0.2, help="size of the class-informative off-manifold feature of the linear data")
+    p.add_argument("--class-separation", type=float, default=1.0, help="scale of the linear data's class means on the manifold")
     p.add_argument("--model", default="mlp:width=256", help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; digits: 600)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
@@ -204,7 +205,7 @@ def config_from_args(args: argparse.Namespace):
         extra = dict(dataset_kwargs={}, image_size=args.image_size, data_dir=args.data_dir, download=args.download,
                      learned=learned)
     else:
-        extra = dict(dataset_kwargs={"normal_offset": args.normal_offset})
+        extra = dict(dataset_kwargs={"normal_offset": args.normal_offset, "class_separation": args.class_separation})
     if args.n_train is not None:
         extra["n_train"] = args.n_train
     if args.n_test is not None:

@@ -188,7 +188,8 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     rows_by_method, grids_by_method = {}, {}
     total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
     bar = tqdm(total=total, disable=not progress, unit="model-step", smoothing=0.1)
-    for method in config.methods:
+    drawn = []  # methods whose gradient grid this run has written
+    for i, method in enumerate(config.methods):
         found = finished_points(config, method, out_dir, data, log)
         trained = found is None
         if trained:
@@ -196,10 +197,13 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
         else:
             bar.update(len(config.strengths[method]) * len(config.seeds) * config.steps)
         rows_by_method[method], grids_by_method[method] = found
-        if trained:  # the results so far: a long sweep is readable while it runs
-            write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset)
+        if trained and i < len(config.methods) - 1:  # the results so far: readable while the sweep runs
+            write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset,
+                          grid_methods=(method,))
+            drawn.append(method)
     bar.close()
-    summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset)
+    summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset,
+                              grid_methods=[m for m in config.methods if m not in drawn])
     log(format_table(summaries))
     regime_info = io_lib.read_json(os.path.join(out_dir, "regimes.json"))
     for line in model_health(rows_by_method, data.num_classes) + seed_disagreements(config, regime_info):

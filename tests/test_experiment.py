@@ -82,9 +82,11 @@ def test_outputs_are_complete(physics_run):
 def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
     out = str(tmp_path)
     run_sweep(TINY, out, progress=False, log=lambda s: None)
+    os.remove(os.path.join(out, "gradients_noise.png"))
     logs = []
     run_sweep(TINY, out, progress=False, log=logs.append)
     assert "noise: already finished, skipped" in logs
+    assert os.path.isfile(os.path.join(out, "gradients_noise.png"))  # a skipped method's grid is drawn again
     changed = SweepConfig(**{**TINY.__dict__, "steps": 40})
     with pytest.raises(SettingsMismatchError, match="steps"):
         run_sweep(changed, out, progress=False, log=lambda s: None)
@@ -94,6 +96,16 @@ def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
         run_sweep(SweepConfig(**{**TINY.__dict__, "strategy": "loop"}), out, progress=False, log=lambda s: None)
     run_sweep(changed, out, overwrite=True, progress=False, log=lambda s: None)
     assert json.load(open(os.path.join(out, "config.json")))["settings"]["steps"] == 40
+
+
+def test_each_gradient_grid_is_drawn_once_per_run(tmp_path, monkeypatch):
+    from pagjax import plots
+
+    drawn, draw = [], plots.gradient_grid
+    monkeypatch.setattr(plots, "gradient_grid", lambda rows, labels, path, **kw: (drawn.append(os.path.basename(path)),
+                                                                                 draw(rows, labels, path, **kw)))
+    run_sweep(TINY, str(tmp_path), progress=False, log=lambda s: None)
+    assert sorted(drawn) == ["gradients_gradnorm.png", "gradients_noise.png"]
 
 
 class Crash(Exception):
