@@ -8,7 +8,8 @@
     python -m experiments.sweep_eps --dataset cifar10 --data-dir ~/tensorflow_datasets --model resnet18
 
 A killed run resumes when the same command is run again: every training (classifiers,
-autoencoder, denoiser, score model) is checkpointed every --checkpoint-every steps.
+autoencoder, denoiser, score model) is checkpointed every --checkpoint-seconds (60 s by default)
+or --checkpoint-every steps.
 
 The default run trains 4 methods x 6 strengths x 2 seeds = 48 MLPs on the built-in
 linear known-manifold data (no download) and should show, for every method, the weak ->
@@ -157,9 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
     from pagjax.experiment import SweepConfig  # its default: one place for it
 
-    p.add_argument("--checkpoint-every", type=int, default=SweepConfig.checkpoint_every,
-                   help="steps between the checkpoints of every training; a rerun resumes from the last one "
-                        "(lower it where steps are slow, e.g. CIFAR-10 on a CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between the checkpoints of every training (default: by time, see --checkpoint-seconds); "
+                        "a rerun resumes from the last one")
+    p.add_argument("--checkpoint-seconds", type=float, default=SweepConfig.checkpoint_seconds,
+                   help="seconds of training between checkpoints: a kill loses at most this much of a training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the phase lines are still printed)")
     return p.parse_args(argv)
 
@@ -215,7 +218,8 @@ def config_from_args(args: argparse.Namespace):
                        optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps,
                        official_grad_accumulation=args.official_grad_accumulation,
                        official_bn_updates=args.official_bn_updates, measure=measure,
-                       strategy=args.strategy, augment=args.augment, checkpoint_every=args.checkpoint_every, **extra)
+                       strategy=args.strategy, augment=args.augment, checkpoint_every=args.checkpoint_every,
+                       checkpoint_seconds=args.checkpoint_seconds, **extra)
 
 
 def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:

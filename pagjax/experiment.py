@@ -22,10 +22,12 @@ This module is the composition; each idea has its own module:
 The names users and recipes import from here (``from pagjax.experiment import SweepConfig``)
 stay importable here.
 
-Fault tolerance: training checkpoints every ``checkpoint_every`` steps; a rerun into the
+Fault tolerance: training checkpoints every ``checkpoint_seconds`` (or ``checkpoint_every``
+steps); a rerun into the
 same folder resumes from the last checkpoint and skips finished methods. A rerun with
 different settings stops with `SettingsMismatchError` unless ``overwrite=True``.
-Execution details (``steps_per_call``, ``checkpoint_every``, ``data_dir``, ``download``)
+Execution details (``steps_per_call``, ``checkpoint_every``, ``checkpoint_seconds``, ``data_dir``,
+``download``)
 may differ between runs: they do not change what is computed. The strategy does (vmap,
 loop and sharded round differently, and the differences grow through training), so the
 resolved strategy is a setting: a resume with another one stops like any other change.
@@ -108,7 +110,8 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
         return sweep.train_models(model, objective, optimizer, data.x_train, data.y_train, strengths, seeds,
                                   steps=config.steps, batch_size=config.batch_size, strategy=config.strategy,
                                   steps_per_call=config.steps_per_call, checkpointer=ckpt,
-                                  checkpoint_every=config.checkpoint_every, on_progress=progress)
+                                  checkpoint_every=config.checkpoint_every,
+                                  checkpoint_seconds=config.checkpoint_seconds, on_progress=progress)
     finally:
         ckpt.close()
 

@@ -23,7 +23,7 @@ from pagjax import sweep, training, validation
 # Fields that do not change what is computed. ``strategy`` is not one: vmap, loop and
 # sharded round differently and the differences grow through training (a regime label
 # can flip), so the resolved strategy is part of the settings a resume must match.
-EXECUTION_FIELDS = ("steps_per_call", "checkpoint_every", "data_dir", "download")
+EXECUTION_FIELDS = ("steps_per_call", "checkpoint_every", "checkpoint_seconds", "data_dir", "download")
 
 # Default strength grids by dataset kind, the official-unit conversion and the strength
 # labels all live in the method registry (`pagjax.methods`); these are live views of it.
@@ -200,7 +200,8 @@ class SweepConfig:
     measure: measure_lib.MeasureConfig = measure_lib.MeasureConfig()
     strategy: str = "auto"  # a setting, resolved per machine: strategies round differently
     steps_per_call: int = 100
-    checkpoint_every: int = 200
+    checkpoint_every: int | None = None  # steps between checkpoints; None: by time
+    checkpoint_seconds: float | None = 60.0  # seconds of training between checkpoints
     image_size: int | None = None  # real data: resize to image_size x image_size
     augment: str = "none"  # "crop_flip": the paper's random crop (pad 4) + horizontal flip
     learned: LearnedConfig = LearnedConfig()
@@ -268,7 +269,10 @@ class SweepConfig:
         self.measure.validate()
         validation.check_choice("strategy", self.strategy, sweep.STRATEGIES)
         validation.check_positive_int("steps_per_call", self.steps_per_call)
-        validation.check_positive_int("checkpoint_every", self.checkpoint_every)
+        if self.checkpoint_every is not None:
+            validation.check_positive_int("checkpoint_every", self.checkpoint_every)
+        if self.checkpoint_seconds is not None:
+            validation.check_positive("checkpoint_seconds", self.checkpoint_seconds)
 
     def settings(self) -> dict:
         """The settings that determine the results (execution details removed)."""
