@@ -69,7 +69,8 @@ from pagjax.outputs import (RESULT_FILES, SettingsMismatchError, finished_points
 from pagjax.results import (CHANCE_MARGIN, ID_COLUMNS, STATUS_COLUMNS, at_chance, format_table, method_curves,
                             model_health, result_columns, seed_disagreements, seed_evidence, summarize,
                             write_outputs)
-from pagjax.sweep_config import (DEFAULT_STRENGTHS, EXECUTION_FIELDS, MAX_SEED, MAX_STEPS, REAL_DEFAULT_STRENGTHS,
+from pagjax.sweep_config import (DEFAULT_STRENGTHS, EXECUTION_FIELDS, KNOWN_DATA, ClassifierDefaults,
+                                 classifier_defaults, MAX_SEED, MAX_STEPS, REAL_DEFAULT_STRENGTHS,
                                  STRENGTH_NAMES, TFDS_DEFAULT_STRENGTHS, LearnedConfig, SweepConfig,
                                  check_model_options, default_strengths, grid_kind, method_points,
                                  to_official_units)
@@ -79,7 +80,8 @@ __all__ = [
     # this module: the sweep's steps
     "run_sweep", "train_method", "make_eval_set", "measure_method",
     # pagjax.sweep_config
-    "SweepConfig", "LearnedConfig", "EXECUTION_FIELDS", "DEFAULT_STRENGTHS", "REAL_DEFAULT_STRENGTHS",
+    "SweepConfig", "LearnedConfig", "KNOWN_DATA", "ClassifierDefaults", "classifier_defaults", "EXECUTION_FIELDS",
+    "DEFAULT_STRENGTHS", "REAL_DEFAULT_STRENGTHS",
     "TFDS_DEFAULT_STRENGTHS", "STRENGTH_NAMES", "MAX_STEPS", "MAX_SEED", "check_model_options",
     "default_strengths", "grid_kind", "method_points", "to_official_units",
     # pagjax.outputs

@@ -179,7 +179,8 @@ def test_cli_optimizer_defaults_and_reproduction_switches():
 
     config = lambda *argv: sweep_eps.config_from_args(sweep_eps.parse_args(list(argv)))  # noqa: E731
     adam, sgd = config().optimizer, config("--optimizer", "sgd").optimizer
-    assert (adam.name, adam.learning_rate) == ("adam", 2e-3)
+    assert (adam.name, adam.learning_rate) == ("adam", 3e-3)
+    assert config("--dataset", "digits").optimizer.learning_rate == 2e-3  # real images: their own defaults
     assert (sgd.name, sgd.learning_rate, sgd.momentum, sgd.weight_decay, sgd.schedule) == (
         "sgd", 0.025, 0.9, 5e-4, "piecewise")
     assert config("--optimizer", "sgd", "--lr", "0.1").optimizer.learning_rate == 0.1
@@ -188,6 +189,16 @@ def test_cli_optimizer_defaults_and_reproduction_switches():
     assert not (plain.official_grad_accumulation or plain.official_bn_updates)
     assert switched.official and switched.official_grad_accumulation and switched.official_bn_updates
     assert switched.settings()["official_grad_accumulation"] and switched.settings()["official_bn_updates"]
+
+
+def test_the_library_default_is_the_main_job():
+    from experiments import sweep_eps
+
+    cli = sweep_eps.config_from_args(sweep_eps.parse_args([]))
+    assert cli.settings() == SweepConfig().settings()
+    assert (cli.model, cli.steps, cli.dataset_kwargs) == ("mlp:width=128", 600, experiment.KNOWN_DATA)
+    digits = sweep_eps.config_from_args(sweep_eps.parse_args(["--dataset", "digits"]))
+    assert (digits.model, digits.steps, digits.dataset_kwargs) == ("mlp:width=256", 600, {})
 
 
 def test_execution_details_are_not_settings():
