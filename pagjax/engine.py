@@ -36,6 +36,7 @@ from jax.extend import core as jax_core
 import numpy as np
 
 from pagjax import validation
+from pagjax.xla import jit_one_shot
 
 Array = jax.Array
 STEP_LOOPS = ("auto", "device", "host")
@@ -48,6 +49,11 @@ MODEL_MODES = ("single", "vmap", "loop", "sharded")
 def epoch_permutation(data_key: Array, epoch, num_examples: int) -> Array:
     """The example order of ``epoch``: a permutation of ``num_examples`` from (key, epoch)."""
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+
+
+# Compiled once per process and example count (not once per training): each runs once an epoch.
+_epoch_permutation = jit_one_shot(epoch_permutation, static_argnums=2)
+_stacked_epoch_permutations = jit_one_shot(jax.vmap(epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
 
 
 def batch_slice(perm: Array, offset, batch_size: int) -> Array:
@@ -266,8 +272,7 @@ def train_loop(
     data = jax.tree.map(jnp.asarray, data)
     data_key = jnp.copy(data_key)  # kept: the state's own copy is donated
     programs = _Programs(step_fn, batch_size, models in ("vmap", "sharded"), step_loop)
-    perm_fn = jax.jit(jax.vmap(epoch_permutation, in_axes=(0, None, None)) if stacked else epoch_permutation,
-                      static_argnums=2)
+    perm_fn = _stacked_epoch_permutations if stacked else _epoch_permutation
 
     k_pad = 0
     if models == "sharded":
