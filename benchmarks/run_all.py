@@ -17,7 +17,7 @@ import time
 
 from benchmarks import common
 
-BENCHMARKS = ("step", "sweep", "manifold", "engine")
+BENCHMARKS = ("step", "sweep", "default_sweep", "manifold", "engine")
 
 
 def command(name: str, quick: bool, fake_devices: int | None) -> list[str]:

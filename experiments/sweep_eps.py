@@ -8,7 +8,8 @@
     python -m experiments.sweep_eps --dataset cifar10 --data-dir ~/tensorflow_datasets --model resnet18
 
 A killed run resumes when the same command is run again: every training (classifiers,
-autoencoder, denoiser, score model) is checkpointed every --checkpoint-every steps.
+autoencoder, denoiser, score model) is checkpointed every --checkpoint-seconds (60 s by default)
+or --checkpoint-every steps.
 
 The default run trains 4 methods x 6 strengths x 2 seeds = 48 MLPs on the built-in
 linear known-manifold data (no download) and should show, for every method, the weak ->
@@ -22,7 +23,6 @@ import sys
 
 import numpy as np
 
-ADAM_LR = 2e-3  # the default runs' Adam learning rate
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -98,6 +98,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     from pagjax import methods
     from pagjax.training import PAPER_SGD
+    from pagjax.sweep_config import KNOWN_DATA
 
     p = _Parser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/sweep_eps", help="output folder (results.csv, figures, checkpoints)")
@@ -126,12 +127,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default: score_model on tfds data, denoiser on digits)")
     p.add_argument("--score-model-steps", type=int, default=None,
                    help="real data: score model training steps (default 800 on MNIST / Fashion-MNIST, 1000 on colour images)")
-    p.add_argument("--normal-offset", type=float, default=0.2, help="size of the class-informative off-manifold feature of the linear data")
-    p.add_argument("--model", default="mlp:width=256", help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; digits: 600)")
+    p.add_argument("--normal-offset", type=float, default=KNOWN_DATA["normal_offset"],
+                   help="built-in data: size of the class-informative off-manifold feature")
+    p.add_argument("--class-separation", type=float, default=KNOWN_DATA["class_separation"],
+                   help="built-in data: scale of the class means on the manifold")
+    p.add_argument("--model", default=None, help="model name, e.g. mlp:width=512, cnn, resnet18:act=softplus (default: "
+                   "mlp:width=128 on the built-in data, mlp:width=256 on real images)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 600; tfds images: 1000)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default: {ADAM_LR:g} for adam, the paper's {PAPER_SGD.learning_rate:g} for sgd)")
+                   help=f"learning rate (default for adam: 3e-3 on the built-in data, 2e-3 on real images; "
+                        f"the paper's {PAPER_SGD.learning_rate:g} for sgd)")
     p.add_argument("--optimizer", default="adam", help="adam or sgd (sgd: the paper's recipe: lr 0.025, momentum 0.9, "
                                                        "weight decay 5e-4, piecewise schedule)")
     p.add_argument("--official", action="store_true", help="use the official PyTorch code's conventions (gradnorm constant, whole-batch PGD ball)")
@@ -156,9 +162,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
     from pagjax.experiment import SweepConfig  # its default: one place for it
 
-    p.add_argument("--checkpoint-every", type=int, default=SweepConfig.checkpoint_every,
-                   help="steps between the checkpoints of every training; a rerun resumes from the last one "
-                        "(lower it where steps are slow, e.g. CIFAR-10 on a CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between the checkpoints of every training (default: by time, see --checkpoint-seconds); "
+                        "a rerun resumes from the last one")
+    p.add_argument("--checkpoint-seconds", type=float, default=SweepConfig.checkpoint_seconds,
+                   help="seconds of training between checkpoints: a kill loses at most this much of a training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the phase lines are still printed)")
     return p.parse_args(argv)
 
@@ -167,11 +175,12 @@ def config_from_args(args: argparse.Namespace):
     from pagjax import data as data_lib
     from pagjax import methods as methods_lib
     from pagjax.experiment import SweepConfig, default_strengths
-    from pagjax.sweep_config import learned_defaults
+    from pagjax.sweep_config import classifier_defaults, learned_defaults
     from pagjax.measure import MeasureConfig
     from pagjax.training import PAPER_SGD, OptimizerConfig
 
     real = data_lib.is_real_dataset(args.dataset)
+    defaults = classifier_defaults(args.dataset)
 
     methods = _names(args.methods, "--methods")
     for m in methods:  # names the flag and lists the registered methods
@@ -188,13 +197,13 @@ def config_from_args(args: argparse.Namespace):
         strengths = {m: default_strengths(m, args.dataset, official=args.official, batch_size=args.batch_size)
                      for m in methods}
     if args.optimizer == "adam":
-        optimizer = OptimizerConfig(name="adam", learning_rate=ADAM_LR if args.lr is None else args.lr)
+        optimizer = OptimizerConfig(name="adam", learning_rate=defaults.learning_rate if args.lr is None else args.lr)
     else:  # the paper's SGD recipe, its learning rate included unless --lr is given
         optimizer = dataclasses.replace(PAPER_SGD, name=args.optimizer,
                                         learning_rate=PAPER_SGD.learning_rate if args.lr is None else args.lr)
     measure = MeasureConfig(eps=_floats(args.eps, "--eps"), regime_eps=args.regime_eps, align_noise=args.align_noise,
                             lpips=not args.no_lpips, pgd_eps=args.robust_eps, alignment=args.alignment)
-    steps = args.steps if args.steps is not None else (600 if args.dataset == "digits" else 1000)
+    steps = args.steps if args.steps is not None else defaults.steps
     extra = {}
     if real:
         # per-dataset defaults (sweep_config.learned_defaults), each overridden by its flag
@@ -204,17 +213,18 @@ def config_from_args(args: argparse.Namespace):
         extra = dict(dataset_kwargs={}, image_size=args.image_size, data_dir=args.data_dir, download=args.download,
                      learned=learned)
     else:
-        extra = dict(dataset_kwargs={"normal_offset": args.normal_offset})
+        extra = dict(dataset_kwargs={"normal_offset": args.normal_offset, "class_separation": args.class_separation})
     if args.n_train is not None:
         extra["n_train"] = args.n_train
     if args.n_test is not None:
         extra["n_test"] = args.n_test
     return SweepConfig(methods=methods, strengths=strengths, seeds=_ints(args.seeds, "--seeds"), data_seed=args.data_seed,
-                       dataset=args.dataset, model=args.model, steps=steps, batch_size=args.batch_size,
+                       dataset=args.dataset, model=args.model or defaults.model, steps=steps, batch_size=args.batch_size,
                        optimizer=optimizer, official=args.official, pgd_steps=args.pgd_steps,
                        official_grad_accumulation=args.official_grad_accumulation,
                        official_bn_updates=args.official_bn_updates, measure=measure,
-                       strategy=args.strategy, augment=args.augment, checkpoint_every=args.checkpoint_every, **extra)
+                       strategy=args.strategy, augment=args.augment, checkpoint_every=args.checkpoint_every,
+                       checkpoint_seconds=args.checkpoint_seconds, **extra)
 
 
 def run_and_report(config, out: str, *, overwrite: bool, progress: bool) -> int:

@@ -177,6 +177,7 @@ def train_autoencoder(
     log_every: int = 50,
     checkpointer=None,
     checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
     progress: str | None = None,
 ) -> TrainedAutoencoder:
     """Train an autoencoder on ``x_train`` (N, ...) by Adam on the mean squared error.
@@ -191,7 +192,8 @@ def train_autoencoder(
       steps, batch_size, learning_rate: the optimisation.
       key: PRNG key (initialisation and batch order).
       log_every: steps between entries of the returned loss curve.
-      checkpointer, checkpoint_every: a `pagjax.io.Checkpointer` and its interval.
+      checkpointer, checkpoint_every, checkpoint_seconds: a `pagjax.io.Checkpointer` and its
+        interval in steps or seconds (`pagjax.engine.train_loop`).
       progress: a progress-bar title, or None for none.
 
     Returns:
@@ -221,7 +223,8 @@ def train_autoencoder(
 
     result = engine.train_loop(step_fn, (params, tx.init(params)), jnp.asarray(x_train), data_key, steps=steps,
                                batch_size=min(batch_size, x_train.shape[0]), steps_per_call=log_every,
-                               checkpointer=checkpointer, checkpoint_every=checkpoint_every, progress=progress)
+                               checkpointer=checkpointer, checkpoint_every=checkpoint_every,
+                               checkpoint_seconds=checkpoint_seconds, progress=progress)
     hist = result.history
     return TrainedAutoencoder(model, result.state[0], jnp.asarray(hist.get("loss", np.zeros(0))),
                               np.asarray(hist["step"]))

@@ -36,6 +36,7 @@ from jax.extend import core as jax_core
 import numpy as np
 
 from pagjax import validation
+from pagjax.xla import jit_one_shot
 
 Array = jax.Array
 STEP_LOOPS = ("auto", "device", "host")
@@ -48,6 +49,11 @@ MODEL_MODES = ("single", "vmap", "loop", "sharded")
 def epoch_permutation(data_key: Array, epoch, num_examples: int) -> Array:
     """The example order of ``epoch``: a permutation of ``num_examples`` from (key, epoch)."""
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+
+
+# Compiled once per process and example count (not once per training): each runs once an epoch.
+_epoch_permutation = jit_one_shot(epoch_permutation, static_argnums=2)
+_stacked_epoch_permutations = jit_one_shot(jax.vmap(epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
 
 
 def batch_slice(perm: Array, offset, batch_size: int) -> Array:
@@ -187,6 +193,7 @@ def train_loop(
     steps_per_call: int = 100,
     checkpointer=None,
     checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
     progress: str | Callable[[Progress], None] | None = None,
     stop_when_all_nonfinite: bool = False,
     mesh=None,
@@ -212,8 +219,10 @@ def train_loop(
       steps_per_call: the most steps per chunk; chunks also end at epoch ends and
         checkpoints.
       checkpointer: a `pagjax.io.Checkpointer`; its latest checkpoint is restored first,
-        and one is saved every ``checkpoint_every`` steps (default: every chunk) and at
-        the end.
+        and one is saved every ``checkpoint_every`` steps, at the first chunk end
+        ``checkpoint_seconds`` after the last save, and at the end (with neither given:
+        after every chunk). Seconds bound the work a kill loses whatever a step costs,
+        without paying a save every few steps on a fast model.
       progress: None, a tqdm bar's description, or a callback taking `Progress`.
       stop_when_all_nonfinite: stop early once every model has had a non-finite step.
       mesh: for ``models="sharded"``: a 1-D mesh (default: all devices).
@@ -229,6 +238,8 @@ def train_loop(
     validation.check_choice("models", models, MODEL_MODES)
     if checkpoint_every is not None:
         validation.check_positive_int("checkpoint_every", checkpoint_every)
+    if checkpoint_seconds is not None:
+        validation.check_positive("checkpoint_seconds", checkpoint_seconds)
     leaves = jax.tree.leaves(data)
     if not leaves:
         raise ValueError("data must hold at least one array")
@@ -261,8 +272,7 @@ def train_loop(
     data = jax.tree.map(jnp.asarray, data)
     data_key = jnp.copy(data_key)  # kept: the state's own copy is donated
     programs = _Programs(step_fn, batch_size, models in ("vmap", "sharded"), step_loop)
-    perm_fn = jax.jit(jax.vmap(epoch_permutation, in_axes=(0, None, None)) if stacked else epoch_permutation,
-                      static_argnums=2)
+    perm_fn = _stacked_epoch_permutations if stacked else _epoch_permutation
 
     k_pad = 0
     if models == "sharded":
@@ -293,7 +303,8 @@ def train_loop(
     perm, perm_epoch = None, None
     t0 = time.perf_counter()
     step = start
-    last_saved = start
+    last_saved, last_saved_at = start, time.perf_counter()
+    every_chunk = checkpoint_every is None and checkpoint_seconds is None
     try:
         while step < steps:
             epoch, offset = divmod(step, per_epoch)
@@ -315,10 +326,12 @@ def train_loop(
             history["step"].append(step)
             for name, value in metrics.items():
                 history.setdefault(name, []).append(value)
-            if checkpointer is not None and (checkpoint_every is None or step - last_saved >= checkpoint_every
-                                             or step == steps):
+            if checkpointer is not None and (
+                    every_chunk or step == steps
+                    or (checkpoint_every is not None and step - last_saved >= checkpoint_every)
+                    or (checkpoint_seconds is not None and time.perf_counter() - last_saved_at >= checkpoint_seconds)):
                 checkpointer.save(step, {"state": unpadded(state), "nonfinite": unpadded(bad)})
-                last_saved = step
+                last_saved, last_saved_at = step, time.perf_counter()
             if bar is not None:
                 bar.update(todo)
                 bar.set_postfix(loss=f"{np.nanmean(metrics['loss']):.4g}")

@@ -22,10 +22,12 @@ This module is the composition; each idea has its own module:
 The names users and recipes import from here (``from pagjax.experiment import SweepConfig``)
 stay importable here.
 
-Fault tolerance: training checkpoints every ``checkpoint_every`` steps; a rerun into the
+Fault tolerance: training checkpoints every ``checkpoint_seconds`` (or ``checkpoint_every``
+steps); a rerun into the
 same folder resumes from the last checkpoint and skips finished methods. A rerun with
 different settings stops with `SettingsMismatchError` unless ``overwrite=True``.
-Execution details (``steps_per_call``, ``checkpoint_every``, ``data_dir``, ``download``)
+Execution details (``steps_per_call``, ``checkpoint_every``, ``checkpoint_seconds``, ``data_dir``,
+``download``)
 may differ between runs: they do not change what is computed. The strategy does (vmap,
 loop and sharded round differently, and the differences grow through training), so the
 resolved strategy is a setting: a resume with another one stops like any other change.
@@ -67,7 +69,8 @@ from pagjax.outputs import (RESULT_FILES, SettingsMismatchError, finished_points
 from pagjax.results import (CHANCE_MARGIN, ID_COLUMNS, STATUS_COLUMNS, at_chance, format_table, method_curves,
                             model_health, result_columns, seed_disagreements, seed_evidence, summarize,
                             write_outputs)
-from pagjax.sweep_config import (DEFAULT_STRENGTHS, EXECUTION_FIELDS, MAX_SEED, MAX_STEPS, REAL_DEFAULT_STRENGTHS,
+from pagjax.sweep_config import (DEFAULT_STRENGTHS, EXECUTION_FIELDS, KNOWN_DATA, ClassifierDefaults,
+                                 classifier_defaults, MAX_SEED, MAX_STEPS, REAL_DEFAULT_STRENGTHS,
                                  STRENGTH_NAMES, TFDS_DEFAULT_STRENGTHS, LearnedConfig, SweepConfig,
                                  check_model_options, default_strengths, grid_kind, method_points,
                                  to_official_units)
@@ -77,7 +80,8 @@ __all__ = [
     # this module: the sweep's steps
     "run_sweep", "train_method", "make_eval_set", "measure_method",
     # pagjax.sweep_config
-    "SweepConfig", "LearnedConfig", "EXECUTION_FIELDS", "DEFAULT_STRENGTHS", "REAL_DEFAULT_STRENGTHS",
+    "SweepConfig", "LearnedConfig", "KNOWN_DATA", "ClassifierDefaults", "classifier_defaults", "EXECUTION_FIELDS",
+    "DEFAULT_STRENGTHS", "REAL_DEFAULT_STRENGTHS",
     "TFDS_DEFAULT_STRENGTHS", "STRENGTH_NAMES", "MAX_STEPS", "MAX_SEED", "check_model_options",
     "default_strengths", "grid_kind", "method_points", "to_official_units",
     # pagjax.outputs
@@ -108,7 +112,8 @@ def train_method(config: SweepConfig, method: str, data: SweepData, out_dir: str
         return sweep.train_models(model, objective, optimizer, data.x_train, data.y_train, strengths, seeds,
                                   steps=config.steps, batch_size=config.batch_size, strategy=config.strategy,
                                   steps_per_call=config.steps_per_call, checkpointer=ckpt,
-                                  checkpoint_every=config.checkpoint_every, on_progress=progress)
+                                  checkpoint_every=config.checkpoint_every,
+                                  checkpoint_seconds=config.checkpoint_seconds, on_progress=progress)
     finally:
         ckpt.close()
 
@@ -188,7 +193,8 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     rows_by_method, grids_by_method = {}, {}
     total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
     bar = tqdm(total=total, disable=not progress, unit="model-step", smoothing=0.1)
-    for method in config.methods:
+    drawn = []  # methods whose gradient grid this run has written
+    for i, method in enumerate(config.methods):
         found = finished_points(config, method, out_dir, data, log)
         trained = found is None
         if trained:
@@ -196,10 +202,13 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
         else:
             bar.update(len(config.strengths[method]) * len(config.seeds) * config.steps)
         rows_by_method[method], grids_by_method[method] = found
-        if trained:  # the results so far: a long sweep is readable while it runs
-            write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset)
+        if trained and i < len(config.methods) - 1:  # the results so far: readable while the sweep runs
+            write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset,
+                          grid_methods=(method,))
+            drawn.append(method)
     bar.close()
-    summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset)
+    summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset,
+                              grid_methods=[m for m in config.methods if m not in drawn])
     log(format_table(summaries))
     regime_info = io_lib.read_json(os.path.join(out_dir, "regimes.json"))
     for line in model_health(rows_by_method, data.num_classes) + seed_disagreements(config, regime_info):

@@ -69,6 +69,7 @@ def autoencoder(config: SweepConfig, data: SweepData, root: str, log: Log = prin
                                           arch=lc.ae_arch, hidden=lc.ae_hidden, features=lc.ae_features,
                                           upsample=lc.ae_upsample, checkpointer=ckpt,
                                           checkpoint_every=config.checkpoint_every,
+                                          checkpoint_seconds=config.checkpoint_seconds,
                                           progress="autoencoder" if progress else None)
         log(f"autoencoder: trained {lc.ae_steps} steps in {time.perf_counter() - t:.0f} s, "
             f"final mse {float(ae.losses[-1]):.4f}")
@@ -121,6 +122,7 @@ def denoiser_maps(config: SweepConfig, data: SweepData, root: str, x_eval, y_eva
                                             num_classes=k + 1, learning_rate=lc.den_lr, width=lc.den_width,
                                             depth=lc.den_depth, arch=lc.den_arch, checkpointer=ckpt,
                                             checkpoint_every=config.checkpoint_every,
+                                            checkpoint_seconds=config.checkpoint_seconds,
                                             progress="denoiser" if progress else None)
         log(f"denoiser: trained {lc.den_steps} steps in {time.perf_counter() - t:.0f} s")
         return den
@@ -146,6 +148,7 @@ def score_model_maps(config: SweepConfig, data: SweepData, root: str, x_eval, y_
                                       jnp.asarray(data.y_train), smc, purpose_key(lc.seed, "score model"),
                                       {**data_identity(config, data), "seed": lc.seed}, log=log,
                                       checkpoint_every=config.checkpoint_every,
+                                      checkpoint_seconds=config.checkpoint_seconds,
                                       progress="score model" if progress else None)
     denoising_quality(config, data, root, model, log)
     maps = sm_lib.reference_maps(model, x_eval, y_eval, align_noise=config.measure.align_noise,

@@ -24,8 +24,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pagjax import alignment, attacks, gradients, robustness
+from pagjax import alignment, attacks, chunks, gradients, robustness
 from pagjax.objectives import cross_entropy
+from pagjax.static import Static
 
 Array = jax.Array
 
@@ -112,12 +113,21 @@ class MetricInputs:
     def grads(self) -> Array:
         """Input-gradients of ``config.target`` at the eval images."""
         ev = self.evalset
-        return gradients.input_gradients(self.apply_fn, self.variables, ev.x, ev.y, target=self.config.target)
+        return _input_gradients(Static(self.apply_fn), self.variables, ev.x, ev.y, self.config.target)
 
     @functools.cached_property
     def paper_grads(self) -> Array:
         """Input-gradients of the sum of the logits (the paper's protocol)."""
-        return gradients.input_gradients(self.apply_fn, self.variables, self.evalset.x, None, target="logit_sum")
+        return _input_gradients(Static(self.apply_fn), self.variables, self.evalset.x, None, "logit_sum")
+
+
+def _gradients_of(apply_fn, variables, x, y, target):
+    return gradients.input_gradients(apply_fn, variables, x, y, target=target)
+
+
+# A sweep measures every model of a method with one apply_fn (`pagjax.models.build_model`
+# returns one object per model): compiled once, not dispatched op by op for every model.
+_input_gradients = jax.jit(_gradients_of, static_argnums=(0, 4))
 
 
 # --------------------------------------------------------------------------- registry
@@ -195,12 +205,15 @@ def evaluate(metric: Metric, inputs: MetricInputs) -> dict[str, float | None]:
 
 
 def accuracy(apply_fn, variables, x, y, batch_size: int = 1024) -> float:
-    """Clean accuracy over (x, y) in batches."""
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        logits = apply_fn(variables, x[i : i + batch_size])
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == y[i : i + batch_size]))
-    return correct / x.shape[0]
+    """Clean accuracy over (x, y), ``batch_size`` examples at a time."""
+    static = Static(apply_fn)
+    hits = chunks.map_chunks(lambda xy: _hits(static, variables, *xy), (x, y), batch_size)
+    return float(jnp.mean(hits))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hits(apply_fn, variables, x, y):
+    return jnp.argmax(apply_fn(variables, x), -1) == y
 
 
 def robust_accuracy(apply_fn, variables, x, y, eps: float, num_steps: int, key) -> float:

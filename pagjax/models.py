@@ -190,4 +190,12 @@ def build_model(name: str, num_classes: int, **overrides) -> Model:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for model {base!r}; expected {sorted(fields)}")
     if "act" in options:
         validation.check_choice("activation", options["act"], ACTIVATIONS)
-    return Model(name=name, module=module_cls(num_classes=num_classes, **options), num_classes=num_classes)
+    model = Model(name=name, module=module_cls(num_classes=num_classes, **options), num_classes=num_classes)
+    return _INTERNED.setdefault(model, model)
+
+
+# Equal models are one object: `model.apply` is then the same function for every build, so
+# a jitted function taking it as a static argument compiles once (a sweep measures each
+# method's models with a model built for that method; bound methods of equal but distinct
+# objects compare unequal, which recompiled every measurement program once per method).
+_INTERNED: dict = {}

@@ -147,8 +147,12 @@ def model_health(rows_by_method: dict, num_classes: int) -> list[str]:
 
 
 def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids_by_method: dict,
-                  num_classes: int, evalset) -> list[dict]:
-    """results.csv, regimes.json, summary.json and the figures, from finished methods."""
+                  num_classes: int, evalset, grid_methods=None) -> list[dict]:
+    """results.csv, regimes.json, summary.json and the figures, from finished methods.
+
+    A method's gradient grid does not change once it is finished: ``grid_methods`` (default:
+    all finished methods) says whose ``gradients_<method>.png`` to draw, so a sweep that
+    writes its outputs after every method draws each grid once."""
     all_rows, summaries, regime_info, fig_curves = [], [], {}, {}
     for method in config.methods:
         if method not in rows_by_method:
@@ -166,6 +170,8 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
                               "on_change": curves["on_change"], "off_change": curves["off_change"],
                               "accuracy": curves["accuracy"], "alignment": curves[curves["alignment_column"]],
                               "alignment_label": metrics_lib.alignment_curve_labels()[curves["alignment_column"]]}
+        if grid_methods is not None and method not in grid_methods:
+            continue
         grids = grids_by_method[method]
         strengths, seeds = method_points(config, method)
         first_seed = [i for i, sd in enumerate(seeds) if sd == config.seeds[0]]

@@ -349,6 +349,7 @@ def train_score_model(
     *,
     checkpointer=None,
     checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
     progress="score model",
     steps_per_call: int = 100,
 ) -> tuple[ScoreModel, engine.LoopResult]:
@@ -360,7 +361,7 @@ def train_score_model(
       config: `ScoreModelConfig`.
       key: PRNG key (initialisation, batch order, noise levels, noise, label dropout).
       checkpointer: a `pagjax.io.Checkpointer`: resumed from, saved to.
-      checkpoint_every, progress, steps_per_call: passed to the engine.
+      checkpoint_every, checkpoint_seconds, progress, steps_per_call: passed to the engine.
 
     Returns:
       (`ScoreModel` with the EMA weights, the engine's `LoopResult`).
@@ -385,7 +386,8 @@ def train_score_model(
     params = net.init(k_init, x[:1], jnp.zeros((1,), jnp.float32), y0)["params"]
     state = TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params), k_train)
     res = engine.train_loop(step_fn, state, (x, y), k_data, steps=config.steps, batch_size=min(config.batch_size, n),
-                            checkpointer=checkpointer, checkpoint_every=checkpoint_every, progress=progress,
+                            checkpointer=checkpointer, checkpoint_every=checkpoint_every,
+                            checkpoint_seconds=checkpoint_seconds, progress=progress,
                             steps_per_call=steps_per_call)
     model = ScoreModel(params=res.state.ema, mean=mean, sigma_data=sigma_data, config=config, image_shape=image_shape)
     return model, res
@@ -575,7 +577,8 @@ def reference_maps(model: ScoreModel, x: Array, y: Array, *, align_noise: float,
 
 
 def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelConfig, key: Array, settings: dict,
-                       log=print, *, checkpoint_every: int = 500, progress="score model") -> ScoreModel:
+                       log=print, *, checkpoint_every: int | None = 500, checkpoint_seconds: float | None = None,
+                       progress="score model") -> ScoreModel:
     """The score model cached in ``directory/model`` (`pagjax.cache`) when it was trained
     with ``settings`` (JSON-able: the data's identity and everything that shapes training),
     else trained and saved, checkpointed every ``checkpoint_every`` steps in
@@ -594,6 +597,7 @@ def cached_score_model(directory: str, x: Array, y: Array, config: ScoreModelCon
         log(f"score model: training {config.steps} steps (U-Net, channels {list(config.channels)})")
         with cache_lib.training_checkpointer(directory, "score model", settings, config.steps, log) as ck:
             model, _ = train_score_model(x, y, config, key, checkpointer=ck, checkpoint_every=checkpoint_every,
+                                         checkpoint_seconds=checkpoint_seconds,
                                          progress=progress)
         log(f"score model: trained {config.steps} steps in {time.perf_counter() - t:.0f} s")
         return model

@@ -355,6 +355,7 @@ def train_denoiser(
     noise_sampling: str = "discrete",
     checkpointer=None,
     checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
     progress: str | None = None,
 ) -> Denoiser:
     """Train a noise-level-conditioned denoiser by denoising score matching.
@@ -376,7 +377,8 @@ def train_denoiser(
         (``arch`` "mlp" or "conv", see `DenoiserNet`).
       noise_sampling: ``"discrete"`` draws each example's s uniformly from
         `noise_levels`; ``"log_uniform"`` draws log s uniformly in [min, max].
-      checkpointer, checkpoint_every: a `pagjax.io.Checkpointer` to resume from and save to.
+      checkpointer, checkpoint_every, checkpoint_seconds: a `pagjax.io.Checkpointer` to resume
+        from and save to, every so many steps or seconds (`pagjax.engine.train_loop`).
       progress: a progress-bar title, or None for none.
 
     Returns:
@@ -449,7 +451,8 @@ def train_denoiser(
 
     result = engine.train_loop(step_fn, (jnp.zeros((), jnp.int32), params, opt.init(params)), (x_train, y_arr),
                                k_data, steps=steps, batch_size=bs, checkpointer=checkpointer,
-                               checkpoint_every=checkpoint_every, progress=progress)
+                               checkpoint_every=checkpoint_every,
+                               checkpoint_seconds=checkpoint_seconds, progress=progress)
     return den.replace(params=result.state[1])
 
 

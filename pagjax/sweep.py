@@ -115,6 +115,7 @@ def train_models(
     state: SweepState | None = None,
     checkpointer=None,
     checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
     on_progress: Callable[[engine.Progress], None] | None = None,
     step_loop: str = "auto",
 ) -> SweepState:
@@ -130,8 +131,9 @@ def train_models(
       steps_per_call: the most steps per compiled call.
       state: a `SweepState` to start from (its step counter says where), instead of the
         fresh one of `init_sweep_state`.
-      checkpointer, checkpoint_every: a `pagjax.io.Checkpointer`: its latest checkpoint is
-        restored first, and one is saved every ``checkpoint_every`` steps and at the end.
+      checkpointer, checkpoint_every, checkpoint_seconds: a `pagjax.io.Checkpointer`: its
+        latest checkpoint is restored first, and one is saved every ``checkpoint_every``
+        steps or ``checkpoint_seconds`` of training and at the end (`engine.train_loop`).
       on_progress: called with an `engine.Progress` after each chunk.
       step_loop: ``auto``, ``device`` or ``host`` (see `choose_step_loop`).
 
@@ -159,7 +161,8 @@ def train_models(
     result = engine.train_loop(
         make_step_fn(model, objective, optimizer), state, (x_train, y_train), state.data_keys,
         steps=steps, batch_size=batch_size, models=strategy, step_loop=step_loop, steps_per_call=steps_per_call,
-        checkpointer=checkpointer, checkpoint_every=checkpoint_every, progress=on_progress, start_step=done)
+        checkpointer=checkpointer, checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+        progress=on_progress, start_step=done)
     return result.state
 
 

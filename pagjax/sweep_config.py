@@ -23,7 +23,7 @@ from pagjax import sweep, training, validation
 # Fields that do not change what is computed. ``strategy`` is not one: vmap, loop and
 # sharded round differently and the differences grow through training (a regime label
 # can flip), so the resolved strategy is part of the settings a resume must match.
-EXECUTION_FIELDS = ("steps_per_call", "checkpoint_every", "data_dir", "download")
+EXECUTION_FIELDS = ("steps_per_call", "checkpoint_every", "checkpoint_seconds", "data_dir", "download")
 
 # Default strength grids by dataset kind, the official-unit conversion and the strength
 # labels all live in the method registry (`pagjax.methods`); these are live views of it.
@@ -175,6 +175,34 @@ def learned_defaults(dataset: str) -> LearnedConfig:
                          sm_channels=(32, 64), sm_steps=1000, den_arch="conv", den_width=64)
 
 
+# The built-in data's default draw: a class-informative off-manifold feature of 0.3 and
+# on-manifold classes that overlap (separation 0.6), so a weakly robust model leans on the
+# off-manifold feature (off/on about 15-30 at the weakest strengths, every method and seed);
+# with 0.2 and 1.0 the weak regime was marginal and depended on the draw (docs/results.md).
+KNOWN_DATA = {"normal_offset": 0.3, "class_separation": 0.6}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierDefaults:
+    """The classifiers a sweep trains on a dataset by default (each overridden by its flag)."""
+
+    model: str
+    steps: int
+    learning_rate: float  # Adam's
+
+
+def classifier_defaults(dataset: str) -> ClassifierDefaults:
+    """Per dataset kind: the built-in known manifolds train a width-128 MLP for 600 steps
+    (Adam 3e-3): enough to show all three regimes for every method (docs/results.md), at
+    about a quarter of the compute of the real-image setting; digits the width-256 MLP for
+    600 steps; tfds images the width-256 MLP for 1000 steps (Adam 2e-3 for both)."""
+    from pagjax import data as data_lib
+
+    if not data_lib.is_real_dataset(dataset):
+        return ClassifierDefaults("mlp:width=128", 600, 3e-3)
+    return ClassifierDefaults("mlp:width=256", 600 if dataset == "digits" else 1000, 2e-3)
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """Every setting of a sweep (see ``python -m experiments.sweep_eps --help``)."""
@@ -183,14 +211,14 @@ class SweepConfig:
     strengths: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_STRENGTHS))
     seeds: tuple[int, ...] = (0, 1)
     dataset: str = "linear_default"
-    dataset_kwargs: dict = dataclasses.field(default_factory=lambda: {"normal_offset": 0.2})  # built-in manifolds only
+    dataset_kwargs: dict = dataclasses.field(default_factory=lambda: dict(KNOWN_DATA))  # built-in manifolds only
     data_seed: int = 0
     n_train: int = 8192
     n_test: int = 1024
-    model: str = "mlp:width=256"
-    steps: int = 1000
+    model: str = "mlp:width=128"  # the defaults of the default dataset (classifier_defaults)
+    steps: int = 600
     batch_size: int = 128
-    optimizer: training.OptimizerConfig = training.OptimizerConfig(name="adam", learning_rate=2e-3)
+    optimizer: training.OptimizerConfig = training.OptimizerConfig(name="adam", learning_rate=3e-3)
     official: bool = False
     pgd_steps: int = 5
     smoothness_noise_std: float = 0.1
@@ -200,7 +228,8 @@ class SweepConfig:
     measure: measure_lib.MeasureConfig = measure_lib.MeasureConfig()
     strategy: str = "auto"  # a setting, resolved per machine: strategies round differently
     steps_per_call: int = 100
-    checkpoint_every: int = 200
+    checkpoint_every: int | None = None  # steps between checkpoints; None: by time
+    checkpoint_seconds: float | None = 60.0  # seconds of training between checkpoints
     image_size: int | None = None  # real data: resize to image_size x image_size
     augment: str = "none"  # "crop_flip": the paper's random crop (pad 4) + horizontal flip
     learned: LearnedConfig = LearnedConfig()
@@ -268,7 +297,10 @@ class SweepConfig:
         self.measure.validate()
         validation.check_choice("strategy", self.strategy, sweep.STRATEGIES)
         validation.check_positive_int("steps_per_call", self.steps_per_call)
-        validation.check_positive_int("checkpoint_every", self.checkpoint_every)
+        if self.checkpoint_every is not None:
+            validation.check_positive_int("checkpoint_every", self.checkpoint_every)
+        if self.checkpoint_seconds is not None:
+            validation.check_positive("checkpoint_seconds", self.checkpoint_seconds)
 
     def settings(self) -> dict:
         """The settings that determine the results (execution details removed)."""

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks import bench_engine, bench_manifold, bench_step, bench_sweep, common, run_all
+from benchmarks import bench_default_sweep, bench_engine, bench_manifold, bench_step, bench_sweep, common, run_all
 
 TINY_STEP = {
     "mlp": dict(spec="mlp:width={width}", width=8, image=(4, 4, 1), batch=8, classes=3),
@@ -55,6 +55,24 @@ def test_sweep_benchmark_rows_are_sane():
         assert r["model_steps_per_s"] > 0 and math.isfinite(r["scaling_vs_k1"]) and r["vs_loop"] > 0
         assert r["fastest"] in ("vmap", "loop") and r["auto_choice"] in ("vmap", "loop", "sharded")
     assert [r["scaling_vs_k1"] for r in res["rows"] if r["k"] == 1] == [1.0, 1.0]
+
+
+def test_default_sweep_benchmark_times_every_phase():
+    from pagjax.experiment import SweepConfig
+    from pagjax.measure import MeasureConfig
+
+    tiny = SweepConfig(methods=("noise", "gradnorm"), strengths={"noise": (0.0, 0.5), "gradnorm": (0.0, 0.1)},
+                       seeds=(0,), n_train=256, n_test=64, model="mlp:width=8", steps=20, batch_size=32,
+                       steps_per_call=5, measure=MeasureConfig(num_eval=16, num_directions=1, lpips=False))
+    res = bench_default_sweep.run(config=tiny)
+    assert set(res["phases"]) == {"data", "eval set", "train", "measure", "outputs", "other"}
+    assert all(v >= 0 for k, v in res["phases"].items() if k != "other")
+    assert sum(res["phases"].values()) == pytest.approx(res["total_s"])
+    assert [m["method"] for m in res["methods"]] == ["noise", "gradnorm"]
+    for m in res["methods"]:
+        # the phase includes the steady chunks it is compared with, and the first chunk's compilation
+        assert m["models"] == 2 and m["train_s"] >= m["first_chunk_s"] > 0 and m["steady_ms_per_step"] > 0
+        assert m["train_over_ideal"] == pytest.approx(m["train_s"] / m["ideal_s"])
 
 
 def test_json_is_written_atomically_and_loads(tmp_path):

@@ -70,6 +70,33 @@ def test_chunks_end_on_epoch_ends_multiples_and_checkpoints():
     assert r.history["step"].tolist() == [4, 6, 8, 12, 16, 18, 20]
 
 
+class _SaveRecorder:
+    """A checkpointer that records the steps it was asked to save (nothing to restore)."""
+
+    def __init__(self):
+        self.saved = []
+
+    def restore_latest(self, like):
+        return None
+
+    def save(self, step, tree):
+        self.saved.append(step)
+
+
+@pytest.mark.parametrize("policy, expected", [
+    (dict(), [4, 6, 8, 12, 16, 18, 20]),  # neither: every chunk
+    (dict(checkpoint_every=8), [8, 16, 20]),  # steps (chunks end at the checkpoints)
+    (dict(checkpoint_seconds=1e-9), [4, 6, 8, 12, 16, 18, 20]),  # every chunk has taken that long
+    (dict(checkpoint_seconds=1e9), [20]),  # never due: only the final state
+    (dict(checkpoint_every=8, checkpoint_seconds=1e9), [8, 16, 20]),  # whichever comes first
+])
+def test_checkpoints_are_saved_by_steps_or_by_time(policy, expected):
+    rec = _SaveRecorder()
+    engine.train_loop(_sum_step, _init(), _data(), jax.random.key(0), steps=20, batch_size=B, steps_per_call=4,
+                      checkpointer=rec, **policy)
+    assert rec.saved == expected
+
+
 def test_one_compilation_serves_every_chunk_length():
     def traces(steps):
         count = [0]
@@ -165,6 +192,7 @@ def test_a_killed_loop_resumes_from_disk_exactly(tmp_path):
         (dict(step_loop="gpu"), "step_loop"),
         (dict(models="pmap"), "models"),
         (dict(checkpoint_every=0), "checkpoint_every"),
+        (dict(checkpoint_seconds=-1.0), "checkpoint_seconds"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(kwargs, match):

@@ -82,9 +82,11 @@ def test_outputs_are_complete(physics_run):
 def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
     out = str(tmp_path)
     run_sweep(TINY, out, progress=False, log=lambda s: None)
+    os.remove(os.path.join(out, "gradients_noise.png"))
     logs = []
     run_sweep(TINY, out, progress=False, log=logs.append)
     assert "noise: already finished, skipped" in logs
+    assert os.path.isfile(os.path.join(out, "gradients_noise.png"))  # a skipped method's grid is drawn again
     changed = SweepConfig(**{**TINY.__dict__, "steps": 40})
     with pytest.raises(SettingsMismatchError, match="steps"):
         run_sweep(changed, out, progress=False, log=lambda s: None)
@@ -94,6 +96,16 @@ def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
         run_sweep(SweepConfig(**{**TINY.__dict__, "strategy": "loop"}), out, progress=False, log=lambda s: None)
     run_sweep(changed, out, overwrite=True, progress=False, log=lambda s: None)
     assert json.load(open(os.path.join(out, "config.json")))["settings"]["steps"] == 40
+
+
+def test_each_gradient_grid_is_drawn_once_per_run(tmp_path, monkeypatch):
+    from pagjax import plots
+
+    drawn, draw = [], plots.gradient_grid
+    monkeypatch.setattr(plots, "gradient_grid", lambda rows, labels, path, **kw: (drawn.append(os.path.basename(path)),
+                                                                                 draw(rows, labels, path, **kw)))
+    run_sweep(TINY, str(tmp_path), progress=False, log=lambda s: None)
+    assert sorted(drawn) == ["gradients_gradnorm.png", "gradients_noise.png"]
 
 
 class Crash(Exception):
@@ -167,7 +179,8 @@ def test_cli_optimizer_defaults_and_reproduction_switches():
 
     config = lambda *argv: sweep_eps.config_from_args(sweep_eps.parse_args(list(argv)))  # noqa: E731
     adam, sgd = config().optimizer, config("--optimizer", "sgd").optimizer
-    assert (adam.name, adam.learning_rate) == ("adam", 2e-3)
+    assert (adam.name, adam.learning_rate) == ("adam", 3e-3)
+    assert config("--dataset", "digits").optimizer.learning_rate == 2e-3  # real images: their own defaults
     assert (sgd.name, sgd.learning_rate, sgd.momentum, sgd.weight_decay, sgd.schedule) == (
         "sgd", 0.025, 0.9, 5e-4, "piecewise")
     assert config("--optimizer", "sgd", "--lr", "0.1").optimizer.learning_rate == 0.1
@@ -176,6 +189,16 @@ def test_cli_optimizer_defaults_and_reproduction_switches():
     assert not (plain.official_grad_accumulation or plain.official_bn_updates)
     assert switched.official and switched.official_grad_accumulation and switched.official_bn_updates
     assert switched.settings()["official_grad_accumulation"] and switched.settings()["official_bn_updates"]
+
+
+def test_the_library_default_is_the_main_job():
+    from experiments import sweep_eps
+
+    cli = sweep_eps.config_from_args(sweep_eps.parse_args([]))
+    assert cli.settings() == SweepConfig().settings()
+    assert (cli.model, cli.steps, cli.dataset_kwargs) == ("mlp:width=128", 600, experiment.KNOWN_DATA)
+    digits = sweep_eps.config_from_args(sweep_eps.parse_args(["--dataset", "digits"]))
+    assert (digits.model, digits.steps, digits.dataset_kwargs) == ("mlp:width=256", 600, {})
 
 
 def test_execution_details_are_not_settings():

@@ -156,3 +156,13 @@ def test_a_registered_metric_reaches_the_row_and_results_csv(toy_metric, tmp_pat
 
 def test_the_registration_was_undone():
     assert "grad_l2_norm" not in metrics.REGISTRY and "grad_l2_norm" not in experiment.result_columns(CFG)
+
+
+def test_accuracy_counts_every_example_once_whatever_the_batch_size():
+    # a linear "model" whose prediction is known: class 1 when the first pixel exceeds 0.5
+    apply_fn = lambda w, x: jnp.stack([0.5 - x[:, 0, 0, 0], x[:, 0, 0, 0] - 0.5], -1) * w  # noqa: E731
+    x = jnp.linspace(0.0, 1.0, 37).reshape(37, 1, 1, 1)
+    y = jnp.zeros(37, jnp.int32).at[:10].set(1)  # some right, some wrong
+    truth = (np.asarray(x[:, 0, 0, 0] > 0.5).astype(int) == np.asarray(y)).mean()
+    for batch_size in (5, 16, 37, 100):
+        assert metrics.accuracy(apply_fn, 1.0, x, y, batch_size=batch_size) == pytest.approx(truth)

@@ -1,3 +1,6 @@
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +69,22 @@ def test_bad_model_names_raise(name, match):
 def test_bad_sample_input_raises():
     with pytest.raises(ValueError, match="sample_input"):
         build_model("mlp", 2).init(jax.random.key(0), jnp.zeros((4, 4)))
+
+
+def test_equal_builds_share_compiled_programs():
+    # a sweep builds its model once per method; its measurements jit with `apply` static
+    traces = []
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def logits(apply_fn, variables, x):
+        traces.append(apply_fn)  # runs once per trace
+        return apply_fn(variables, x)
+
+    x = jnp.zeros((2, 4, 4, 1))
+    a, b = build_model("mlp:width=8", 3), build_model("mlp:width=8", 3)
+    variables = a.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(logits(a.apply, variables, x), logits(b.apply, variables, x))
+    assert len(traces) == 1
+    wider = build_model("mlp:width=16", 3)
+    logits(wider.apply, wider.init(jax.random.key(0), x), x)
+    assert len(traces) == 2

@@ -107,7 +107,8 @@ def test_sweep_cli_accepts_real_datasets(tmp_path, capsys):
         gray = name == "fashion_mnist"  # 28x28x1 like MNIST: the dense autoencoder, a narrower score model
         assert (lc.ae_arch, lc.ae_latent, lc.ae_steps) == ("mlp" if gray else "conv", 128, 2000)
         assert lc.ae_hidden == (512,) if gray else (lc.ae_features, lc.ae_upsample) == ((32, 64), "nearest")
-        assert (lc.score_backend, lc.sm_bayes, cfg.checkpoint_every) == ("score_model", "classifier", 200)
+        assert (lc.score_backend, lc.sm_bayes) == ("score_model", "classifier")
+        assert (cfg.checkpoint_every, cfg.checkpoint_seconds) == (None, 60.0)
         assert (lc.sm_channels, lc.sm_steps) == (((16, 32), 800) if gray else ((32, 64), 1000))
         cfg.validate()  # prepared under tests/data/tfds
     t = time.perf_counter()

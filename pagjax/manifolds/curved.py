@@ -54,6 +54,7 @@ import numpy as np
 from jax.scipy.special import ndtr, ndtri
 
 from pagjax import validation
+from pagjax.xla import jit_one_shot
 from pagjax.manifolds.base import KnownManifold, Samples, check_noise_level
 
 Array = jax.Array
@@ -303,7 +304,7 @@ def _curved_core(m: CurvedManifold, xf: Array, s: Array):
     return log_lik, means, sigma2
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
+@jit_one_shot(static_argnums=(2,))
 def _sample_curved(m: CurvedManifold, key: Array, n: int) -> Samples:
     ky, kpos, kb, ke = jax.random.split(key, 4)
     y = jax.random.randint(ky, (n,), 0, m.num_classes, dtype=jnp.int32)
@@ -396,7 +397,7 @@ def make_curved_manifold(
     return dataclasses.replace(m, grid_images=images)
 
 
-@jax.jit
+@jit_one_shot
 def _render_grid(m: CurvedManifold) -> Array:
     return jax.vmap(m.render_flat)(m.grid_latents)
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagjax import validation
+from pagjax.xla import jit_one_shot
 from pagjax.manifolds.base import KnownManifold, Samples, check_noise_level, jit_method
 
 Array = jax.Array
@@ -257,7 +258,7 @@ class LinearManifold(KnownManifold):
         return self._unflat(out, x)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
+@jit_one_shot(static_argnums=(2,))
 def _sample_linear(m: LinearManifold, key: Array, n: int) -> Samples:
     ky, kj, kt, kn = jax.random.split(key, 4)
     y = jax.random.randint(ky, (n,), 0, m.num_classes, dtype=jnp.int32)
@@ -274,7 +275,7 @@ def _sample_linear(m: LinearManifold, key: Array, n: int) -> Samples:
     return Samples(jnp.reshape(x, (n, *m.image_shape)), y, t)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+@jit_one_shot(static_argnums=(1, 2, 3, 4, 5))
 def _linear_arrays(key, image_shape, intrinsic_dim, num_classes, components_per_class,
                    class_separation):
     d = image_shape[0] * image_shape[1] * image_shape[2]

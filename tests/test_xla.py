@@ -1,0 +1,46 @@
+"""One-shot compile options change the compiler's effort, not the numbers."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pagjax import engine
+from pagjax.xla import ONE_SHOT_OPTIONS, jit_one_shot
+
+
+def _orthonormal_normals(key, d, k):
+    g = jax.random.normal(key, (d, k))
+    q, _ = jnp.linalg.qr(g)
+    return q, jnp.sort(jax.random.uniform(key, (d,)))
+
+
+def test_one_shot_programs_compute_what_the_default_ones_do():
+    one_shot = jit_one_shot(_orthonormal_normals, static_argnums=(1, 2))
+    default = jax.jit(_orthonormal_normals, static_argnums=(1, 2))
+    q, s = one_shot(jax.random.key(3), 64, 5)
+    chex.assert_trees_all_close((q, s), default(jax.random.key(3), 64, 5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.T @ q, np.eye(5), atol=1e-5)  # and it is right, not just equal
+    assert bool(jnp.all(jnp.diff(s) >= 0))
+
+
+def test_options_reach_the_compiler():
+    f = jit_one_shot(lambda x: jnp.sin(x) * 2.0)
+    # an option XLA does not know is refused at compile time: the options are passed on
+    bad = jax.jit(lambda x: x + 1.0, compiler_options={"xla_no_such_option_for_pagjax": True})
+    try:
+        bad(jnp.ones(3))
+        refused = False
+    except Exception:  # noqa: BLE001 - XLA's error type differs between versions
+        refused = True
+    assert refused and set(ONE_SHOT_OPTIONS) <= {"xla_backend_optimization_level", "xla_llvm_disable_expensive_passes"}
+    np.testing.assert_allclose(f(jnp.ones(3)), 2.0 * np.sin(1.0), rtol=1e-6)
+
+
+def test_epoch_orders_compile_once_per_example_count():
+    before = engine._stacked_epoch_permutations._cache_size()
+    keys = jax.random.split(jax.random.key(0), 3)
+    for epoch in range(3):  # another epoch and other keys reuse the program
+        perms = engine._stacked_epoch_permutations(keys, epoch, 40)
+        assert all(sorted(np.asarray(p).tolist()) == list(range(40)) for p in perms)
+    engine._stacked_epoch_permutations(jax.random.split(jax.random.key(1), 3), 0, 40)
+    assert engine._stacked_epoch_permutations._cache_size() == before + 1
