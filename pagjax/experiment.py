@@ -188,7 +188,7 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     rows_by_method, grids_by_method = {}, {}
     total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
     bar = tqdm(total=total, disable=not progress, unit="model-step", smoothing=0.1)
-    for method in config.methods:
+    for i, method in enumerate(config.methods):
         found = finished_points(config, method, out_dir, data, log)
         trained = found is None
         if trained:
@@ -196,7 +196,9 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
         else:
             bar.update(len(config.strengths[method]) * len(config.seeds) * config.steps)
         rows_by_method[method], grids_by_method[method] = found
-        if trained:  # the results so far: a long sweep is readable while it runs
+        # the results so far: a long sweep is readable while it runs (after the last method,
+        # the final write below is the same)
+        if trained and i + 1 < len(config.methods):
             write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset)
     bar.close()
     summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset)
