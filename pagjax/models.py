@@ -17,6 +17,7 @@ after a colon, e.g. ``mlp:width=256,depth=3,act=softplus`` or ``resnet18:act=sof
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,7 +141,7 @@ class Model:
 
     def init(self, key: Array, sample_input: Array) -> Variables:
         validation.check_images("sample_input", sample_input, ranks=(4,))
-        return dict(self.module.init(key, sample_input, train=False))
+        return dict(_init(self.module, key, sample_input))
 
     def apply(self, variables: Variables, x: Array) -> Array:
         return self.module.apply(variables, x, train=False)
@@ -150,6 +151,14 @@ class Model:
             return self.module.apply(variables, x, train=True), {}
         logits, updates = self.module.apply(variables, x, train=True, mutable=["batch_stats"])
         return logits, dict(updates)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(module: nn.Module, key: Array, sample_input: Array) -> Variables:
+    # One compiled program per network (modules compare by configuration): eager
+    # initialisation compiled every initializer's operations one by one, several times
+    # slower on CPU. Same values: the random draws do not depend on jit.
+    return module.init(key, sample_input, train=False)
 
 
 def _parse_options(text: str) -> dict[str, Any]:

@@ -240,6 +240,11 @@ def _apply_denoiser(net, sigma_data, params, mean, x, sigma, y):
     return mean + c_skip.reshape(b) * xc + c_out.reshape(b) * f
 
 
+# one program per network and input shape (modules compare by configuration); eager
+# evaluation compiled each operation separately
+_apply_denoiser_jit = jax.jit(_apply_denoiser, static_argnums=0)
+
+
 def _labels(model_num_classes: int, y, n: int):
     if not model_num_classes:
         return None
@@ -251,8 +256,8 @@ def _labels(model_num_classes: int, y, n: int):
 def denoise(model: ScoreModel, x: Array, sigma, y: Array | None = None) -> Array:
     """D(x, sigma[, y]) ~ E[x0 | x]: ``y=None`` is unconditional (the "no label" class)."""
     net = make_network(model.config, model.image_shape)
-    return _apply_denoiser(net, model.sigma_data, model.params, model.mean, x, sigma,
-                           _labels(model.config.num_classes, y, x.shape[0]))
+    return _apply_denoiser_jit(net, model.sigma_data, model.params, model.mean, x, sigma,
+                               _labels(model.config.num_classes, y, x.shape[0]))
 
 
 def score(model: ScoreModel, x: Array, sigma, y: Array | None = None) -> Array:
@@ -383,7 +388,7 @@ def train_score_model(
     step_fn, net, tx = make_step_fn(config, image_shape, mean, sigma_data)
     k_init, k_data, k_train = jax.random.split(key, 3)
     y0 = jnp.zeros((1,), jnp.int32) if config.num_classes else None
-    params = net.init(k_init, x[:1], jnp.zeros((1,), jnp.float32), y0)["params"]
+    params = scores_lib.init_params(net, k_init, x[:1], jnp.zeros((1,), jnp.float32), y0)
     state = TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params), k_train)
     res = engine.train_loop(step_fn, state, (x, y), k_data, steps=config.steps, batch_size=min(config.batch_size, n),
                             checkpointer=checkpointer, checkpoint_every=checkpoint_every,
@@ -666,7 +671,7 @@ def train_noise_classifier(x: Array, y: Array, num_classes: int, config: ScoreMo
         return _adam_ema_update(state, loss, grads, tx, config.ema_decay)
 
     k_init, k_data, k_train = jax.random.split(key, 3)
-    params = net.init(k_init, x[:1], jnp.zeros((1,)))["params"]
+    params = scores_lib.init_params(net, k_init, x[:1], jnp.zeros((1,)))
     state = TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params), k_train)
     res = engine.train_loop(step_fn, state, (x, y), k_data, steps=config.steps,
                             batch_size=min(config.batch_size, x.shape[0]), progress=progress)

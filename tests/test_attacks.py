@@ -1,3 +1,5 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,21 @@ from pagjax.objectives import cross_entropy
 
 def _loss_fn(params, y):
     return lambda inputs: cross_entropy(linear_apply(params, inputs), y)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "start", "ball", "box"))
+def _pgd(params, x, y, key, eps, **kw):
+    """`attacks.l2_pgd` on the linear model as one compiled program, eps traced: run eagerly,
+    every operation was compiled on its own for each new shape."""
+    return attacks.l2_pgd(_loss_fn(params, y), x, key, eps=eps, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "num_steps", "start", "ball"))
+def _random_model_pgd(seed_key, x, y, eps, scale=1.0, **kw):
+    """`_pgd` on ``linear_params(seed_key, ...)``, drawn inside the same program (every
+    example of the property tests has new shapes, so each compiles once)."""
+    params = linear_params(seed_key, x[0].size, 3, scale=scale)
+    return attacks.l2_pgd(_loss_fn(params, y), x, seed_key, eps=eps, **kw)
 
 
 def _norms(d):
@@ -29,8 +46,7 @@ def _norms(d):
 )
 def test_pgd_stays_in_every_examples_ball(batch, side, eps, steps, start, seed):
     x, y = random_batch(seed, batch, shape=(side, side, 1))
-    params = linear_params(jax.random.key(seed), side * side, 3, scale=3.0)
-    delta = attacks.l2_pgd(_loss_fn(params, y), x, jax.random.key(seed), eps=eps, num_steps=steps, start=start)
+    delta = _random_model_pgd(jax.random.key(seed), x, y, eps, scale=3.0, num_steps=steps, start=start)
     assert delta.shape == x.shape
     assert np.all(np.isfinite(delta))
     assert np.all(_norms(delta) <= eps * (1 + 1e-5) + 1e-7)
@@ -40,17 +56,15 @@ def test_pgd_stays_in_every_examples_ball(batch, side, eps, steps, start, seed):
 @given(batch=st.integers(1, 6), eps=st.floats(0.0, 3.0), steps=st.integers(0, 5), seed=st.integers(0, 1000))
 def test_whole_batch_ball_bounds_the_batch_norm(batch, eps, steps, seed):
     x, y = random_batch(seed, batch)
-    params = linear_params(jax.random.key(seed), 16, 3)
-    delta = attacks.l2_pgd(
-        _loss_fn(params, y), x, jax.random.key(seed), eps=eps, num_steps=steps, ball="whole_batch", start="positive_uniform"
-    )
+    delta = _random_model_pgd(jax.random.key(seed), x, y, eps, num_steps=steps, ball="whole_batch",
+                              start="positive_uniform")
     assert np.linalg.norm(np.asarray(delta)) <= eps * (1 + 1e-5) + 1e-7
 
 
 def test_box_keeps_pixels_in_range_and_ball():
     x, y = random_batch(3, 8)
     params = linear_params(jax.random.key(3), 16, 3, scale=5.0)
-    delta = attacks.l2_pgd(_loss_fn(params, y), x, jax.random.key(0), eps=2.0, num_steps=5, box=(0.0, 1.0))
+    delta = _pgd(params, x, y, jax.random.key(0), 2.0, num_steps=5, box=(0.0, 1.0))
     adv = np.asarray(x + delta)
     assert adv.min() >= 0.0 and adv.max() <= 1.0
     assert np.all(_norms(delta) <= 2.0 + 1e-5)
@@ -59,8 +73,8 @@ def test_box_keeps_pixels_in_range_and_ball():
 def test_pgd_beats_a_random_perturbation_of_the_same_norm():
     x, y = random_batch(4, 64, shape=(8, 8, 1))
     params = linear_params(jax.random.key(4), 64, 3, scale=0.5)
-    loss_fn = _loss_fn(params, y)
-    delta = attacks.l2_pgd(loss_fn, x, jax.random.key(1), eps=1.0, num_steps=10)
+    loss_fn = jax.jit(_loss_fn(params, y))
+    delta = _pgd(params, x, y, jax.random.key(1), 1.0, num_steps=10)
     rand = jax.random.normal(jax.random.key(2), x.shape)
     rand = rand / _norms(rand)[:, None, None, None] * _norms(delta)[:, None, None, None]
     adv_loss, rand_loss, clean = loss_fn(x + delta), loss_fn(x + rand), loss_fn(x)

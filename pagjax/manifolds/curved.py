@@ -134,13 +134,11 @@ class CurvedManifold(KnownManifold):
 
     def generate(self, z: Array) -> Array:
         """Noise-free images g(z) for latents z (n, 3): (n, H, W, C)."""
-        return jnp.reshape(jax.vmap(self.render_flat)(z), (z.shape[0], *self.image_shape))
+        return _generate(self, z)
 
     def tangent_basis(self, z: Array) -> Array:
         """Orthonormalised Jacobian of g at each latent: (n, d, 3), columns span T_g(z)."""
-        jac = jax.vmap(jax.jacfwd(self.render_flat))(z)            # (n, d, 3)
-        q, _ = jnp.linalg.qr(jac)
-        return q
+        return _tangent_basis(self, z)
 
     def log_prior(self, z: Array) -> Array:
         """log p(z | y) for latents z (..., 3) and every class: (..., C). -inf outside the box."""
@@ -161,8 +159,9 @@ class CurvedManifold(KnownManifold):
 
     # ---------------------------------------------------------------- quadrature
     def _nodes_one(self, xf: Array, sigma2: Array):
-        """Quadrature for one flattened image: (log_w (M,), log_gauss (M,), images (M, d),
-        log_prior (M, C)) over coarse + local nodes. Node placement is stop_gradient-ed."""
+        """Quadrature for one flattened image: (log_w (M,), log_gauss (M,), local images
+        (n^3, d), log_prior (M, C)) over coarse + local nodes, the coarse nodes first (their
+        images are ``grid_images``). Node placement is stop_gradient-ed."""
         g_res, n_loc, r_cells = self.grid_size, self.refine_size, self.refine_cells
         cell = 2.0 / g_res
         d = xf.shape[0]
@@ -229,17 +228,19 @@ class CurvedManifold(KnownManifold):
         log_w = jnp.concatenate([log_w_coarse, log_w_local])
         sqdist = jnp.concatenate([coarse_sqdist, local_sqdist])
         log_gauss = -0.5 * sqdist / sigma2 - 0.5 * d * jnp.log(2 * jnp.pi * sigma2)
-        images = jnp.concatenate([grid_imgs, local_imgs], axis=0)
         lat = jnp.concatenate([self.grid_latents.astype(xf.dtype), local_z], axis=0)
-        return log_w, log_gauss, images, self.log_prior(lat)
+        return log_w, log_gauss, local_imgs, self.log_prior(lat)
 
     def _per_example(self, xf: Array, sigma2: Array):
         """(log p_s(x|y) (C,), E[g(z) | x, y] (C, d)) for one flattened image."""
-        log_w, log_gauss, images, log_prior = self._nodes_one(xf, sigma2)
+        log_w, log_gauss, local_imgs, log_prior = self._nodes_one(xf, sigma2)
         joint = log_w[:, None] + log_gauss[:, None] + log_prior                # (M, C)
         log_lik = jax.nn.logsumexp(joint, axis=0)
         resp = jax.nn.softmax(joint, axis=0)                                   # (M, C)
-        return log_lik, resp.T @ images
+        # coarse and local parts separately: all M node images side by side would be copied
+        # for every example of a batch, while the coarse ones are shared by all of them
+        n_coarse = self.grid_images.shape[0]
+        return log_lik, resp[:n_coarse].T @ self.grid_images.astype(xf.dtype) + resp[n_coarse:].T @ local_imgs
 
     def _batched(self, x: Array, s):
         """Validated call of the one jitted core: (xf, sigma^2, log p_s(x|y) (n,C), E[g|x,y] (n,C,d)).
@@ -302,6 +303,20 @@ def _curved_core(m: CurvedManifold, xf: Array, s: Array):
     fn = lambda row: m._per_example(row, sigma2)  # noqa: E731
     log_lik, means = jax.lax.map(fn, xf, batch_size=min(m.batch_size, xf.shape[0]))
     return log_lik, means, sigma2
+
+
+# Jitted with the manifold as an argument, like the quadrature: eager, every operation of
+# the vmapped renderer was compiled on its own.
+@jax.jit
+def _generate(m: CurvedManifold, z: Array) -> Array:
+    return jnp.reshape(jax.vmap(m.render_flat)(z), (z.shape[0], *m.image_shape))
+
+
+@jax.jit
+def _tangent_basis(m: CurvedManifold, z: Array) -> Array:
+    jac = jax.vmap(jax.jacfwd(m.render_flat))(z)            # (n, d, 3)
+    q, _ = jnp.linalg.qr(jac)
+    return q
 
 
 @jit_one_shot(static_argnums=(2,))
