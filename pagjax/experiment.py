@@ -180,6 +180,9 @@ def _run_method(config: SweepConfig, method: str, data: SweepData, evalset, out_
     return rows, grids
 
 
+FIGURE_EVERY_S = 60.0  # while a sweep runs, figure3.png is redrawn at most this often
+
+
 def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, progress: bool = True,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run (or resume) a sweep into `out_dir`; returns the per-method summaries."""
@@ -194,6 +197,7 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
     bar = tqdm(total=total, disable=not progress, unit="model-step", smoothing=0.1)
     drawn = []  # methods whose gradient grid this run has written
+    figure_at = time.perf_counter()  # when figure3.png was last due
     for i, method in enumerate(config.methods):
         found = finished_points(config, method, out_dir, data, log)
         trained = found is None
@@ -203,8 +207,12 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
             bar.update(len(config.strengths[method]) * len(config.seeds) * config.steps)
         rows_by_method[method], grids_by_method[method] = found
         if trained and i < len(config.methods) - 1:  # the results so far: readable while the sweep runs
+            # figure3 too once a minute has passed: a long sweep's figure follows it, a short
+            # sweep draws it once (about 2 s a drawing)
+            due = time.perf_counter() - figure_at >= FIGURE_EVERY_S
             write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset,
-                          grid_methods=(method,))
+                          grid_methods=(method,), figure=due)
+            figure_at = time.perf_counter() if due else figure_at
             drawn.append(method)
     bar.close()
     summaries = write_outputs(config, out_dir, rows_by_method, grids_by_method, data.num_classes, evalset,

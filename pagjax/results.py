@@ -147,12 +147,13 @@ def model_health(rows_by_method: dict, num_classes: int) -> list[str]:
 
 
 def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids_by_method: dict,
-                  num_classes: int, evalset, grid_methods=None) -> list[dict]:
+                  num_classes: int, evalset, grid_methods=None, figure: bool = True) -> list[dict]:
     """results.csv, regimes.json, summary.json and the figures, from finished methods.
 
     A method's gradient grid does not change once it is finished: ``grid_methods`` (default:
     all finished methods) says whose ``gradients_<method>.png`` to draw, so a sweep that
-    writes its outputs after every method draws each grid once."""
+    writes its outputs after every method draws each grid once. ``figure=False`` skips
+    figure3.png (the tables are always written)."""
     all_rows, summaries, regime_info, fig_curves = [], [], {}, {}
     for method in config.methods:
         if method not in rows_by_method:
@@ -193,7 +194,7 @@ def write_outputs(config: SweepConfig, out_dir: str, rows_by_method: dict, grids
     io_lib.write_csv(os.path.join(out_dir, "results.csv"), all_rows, result_columns(config.measure))
     io_lib.write_json(os.path.join(out_dir, "regimes.json"), regime_info)
     io_lib.write_json(os.path.join(out_dir, "summary.json"), summaries)
-    if fig_curves:
+    if fig_curves and figure:
         plots.figure3(fig_curves, os.path.join(out_dir, "figure3.png"), strength_names=STRENGTH_NAMES)
     return summaries
 

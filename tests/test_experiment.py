@@ -98,14 +98,21 @@ def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["settings"]["steps"] == 40
 
 
-def test_each_gradient_grid_is_drawn_once_per_run(tmp_path, monkeypatch):
+def test_each_gradient_grid_is_drawn_once_and_figure3_as_often_as_due(tmp_path, monkeypatch):
     from pagjax import plots
 
     drawn, draw = [], plots.gradient_grid
     monkeypatch.setattr(plots, "gradient_grid", lambda rows, labels, path, **kw: (drawn.append(os.path.basename(path)),
                                                                                  draw(rows, labels, path, **kw)))
-    run_sweep(TINY, str(tmp_path), progress=False, log=lambda s: None)
-    assert sorted(drawn) == ["gradients_gradnorm.png", "gradients_noise.png"]
+    figures, figure = [], plots.figure3
+    monkeypatch.setattr(plots, "figure3", lambda *a, **kw: (figures.append(1), figure(*a, **kw)))
+    monkeypatch.setattr(experiment, "FIGURE_EVERY_S", 1e9)  # a short sweep: figure3 once, at the end
+    run_sweep(TINY, str(tmp_path / "short"), progress=False, log=lambda s: None)
+    assert sorted(drawn) == ["gradients_gradnorm.png", "gradients_noise.png"] and len(figures) == 1
+    monkeypatch.setattr(experiment, "FIGURE_EVERY_S", 0.0)  # a long one: after every method too
+    run_sweep(TINY, str(tmp_path / "long"), progress=False, log=lambda s: None)
+    assert len(drawn) == 4 and len(figures) == 3
+    assert os.path.isfile(str(tmp_path / "short" / "figure3.png"))
 
 
 class Crash(Exception):
