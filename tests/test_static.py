@@ -146,15 +146,28 @@ def test_new_denoiser_of_the_same_configuration_does_not_trace_again(data, monke
     assert not np.allclose(r1.per_example["cosine"], r2.per_example["cosine"])
 
 
-def test_new_score_model_of_the_same_configuration_does_not_trace_again(data, monkeypatch):
+def _count_denoiser_traces(monkeypatch) -> list:
+    """A list that grows by one each time a program calling the score model's denoiser is
+    traced: `score_model.denoise` builds its network (a Python call, run only while tracing
+    under jit) each time it runs."""
     traces = []
-    real = score_model._apply_denoiser
-    monkeypatch.setattr(score_model, "_apply_denoiser", lambda *a: traces.append(1) or real(*a))
-    config = score_model.ScoreModelConfig(arch="mlp", mlp_width=12, mlp_depth=1)
+    real = score_model.make_network
+    monkeypatch.setattr(score_model, "make_network", lambda *a: traces.append(1) or real(*a))
+    return traces
+
+
+def _tiny_score_models(width: int, means) -> list:
+    """Score models of one small MLP configuration, one per mean image value."""
+    config = score_model.ScoreModelConfig(arch="mlp", mlp_width=width, mlp_depth=1)
     net = score_model.make_network(config, SHAPE)
     params = net.init(jax.random.key(0), jnp.zeros((1, *SHAPE)), jnp.zeros((1,)))["params"]
-    models = [score_model.ScoreModel(params=params, mean=jnp.full(SHAPE, v), sigma_data=0.5, config=config,
-                                     image_shape=SHAPE) for v in (0.0, 0.5)]
+    return [score_model.ScoreModel(params=params, mean=jnp.full(SHAPE, v), sigma_data=0.5, config=config,
+                                   image_shape=SHAPE) for v in means]
+
+
+def test_new_score_model_of_the_same_configuration_does_not_trace_again(data, monkeypatch):
+    models = _tiny_score_models(12, (0.0, 0.5))
+    traces = _count_denoiser_traces(monkeypatch)
     maps = []
     for model in models:
         maps.append(scores.compute_scores(score_model.score_source(model), data["x"], noise_level=S))
@@ -224,14 +237,8 @@ def test_tangent_basis_from_generator_under_the_callers_jit_matches_eager():
 
 
 def test_score_model_report_uses_one_compilation_for_every_chunk(monkeypatch):
-    traces = []
-    real = score_model._apply_denoiser
-    monkeypatch.setattr(score_model, "_apply_denoiser", lambda *a: traces.append(1) or real(*a))
-    config = score_model.ScoreModelConfig(arch="mlp", mlp_width=10, mlp_depth=1)
-    net = score_model.make_network(config, SHAPE)
-    params = net.init(jax.random.key(0), jnp.zeros((1, *SHAPE)), jnp.zeros((1,)))["params"]
-    model = score_model.ScoreModel(params=params, mean=jnp.zeros(SHAPE), sigma_data=0.5, config=config,
-                                   image_shape=SHAPE)
+    (model,) = _tiny_score_models(10, (0.0,))
+    traces = _count_denoiser_traces(monkeypatch)
     x = jax.random.uniform(jax.random.key(1), (7, *SHAPE))
     rows = score_model.denoising_report(model, x, None, jax.random.key(2), wiener=score_model.fit_wiener(x),
                                         sigmas=(0.3, 0.6), chunk=3)  # chunks of 3, 3, 1 at two sigmas
