@@ -191,6 +191,9 @@ class ClassifierDefaults:
     learning_rate: float  # Adam's
 
 
+KNOWN_CLASSIFIER = ClassifierDefaults("mlp:width=128", 600, 3e-3)  # the default sweep's (SweepConfig's)
+
+
 def classifier_defaults(dataset: str) -> ClassifierDefaults:
     """Per dataset kind: the built-in known manifolds train a width-128 MLP for 600 steps
     (Adam 3e-3): enough to show all three regimes for every method (docs/results.md), at
@@ -199,7 +202,7 @@ def classifier_defaults(dataset: str) -> ClassifierDefaults:
     from pagjax import data as data_lib
 
     if not data_lib.is_real_dataset(dataset):
-        return ClassifierDefaults("mlp:width=128", 600, 3e-3)
+        return KNOWN_CLASSIFIER
     return ClassifierDefaults("mlp:width=256", 600 if dataset == "digits" else 1000, 2e-3)
 
 
@@ -215,10 +218,11 @@ class SweepConfig:
     data_seed: int = 0
     n_train: int = 8192
     n_test: int = 1024
-    model: str = "mlp:width=128"  # the defaults of the default dataset (classifier_defaults)
-    steps: int = 600
+    model: str = KNOWN_CLASSIFIER.model  # the default dataset's (classifier_defaults)
+    steps: int = KNOWN_CLASSIFIER.steps
     batch_size: int = 128
-    optimizer: training.OptimizerConfig = training.OptimizerConfig(name="adam", learning_rate=3e-3)
+    optimizer: training.OptimizerConfig = training.OptimizerConfig(name="adam",
+                                                                   learning_rate=KNOWN_CLASSIFIER.learning_rate)
     official: bool = False
     pgd_steps: int = 5
     smoothness_noise_std: float = 0.1
