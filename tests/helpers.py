@@ -1,4 +1,7 @@
-"""Small shared fixtures for the tests: a linear softmax model with closed forms."""
+"""Small shared fixtures for the tests: a linear softmax model with closed forms, and full
+compiler optimisation for the few tests whose time is training, not compiling."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,3 +34,18 @@ def toy_task(n=256, seed=0):
     x = rng.uniform(size=(n, 4, 4, 1)).astype(np.float32)
     y = (x.reshape(n, -1)[:, :8].mean(1) > x.reshape(n, -1)[:, 8:].mean(1)).astype(np.int32)
     return x, y
+
+
+@contextlib.contextmanager
+def optimized_compilation():
+    """Compile with XLA's full optimisation inside (conftest.py switches most of it off).
+
+    For tests that run one program for many steps: a 1500-step denoiser training took
+    11 s optimised against 20 s unoptimised, where compiling is a second either way.
+    """
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)

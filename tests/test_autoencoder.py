@@ -24,6 +24,7 @@ def trained():
     return dict(u=u, x=x, ae=ae)
 
 
+@pytest.mark.slow  # through the module fixture `trained`
 def test_autoencoder_on_linear_manifold_recovers_its_subspace(trained):
     ae, x, u = trained["ae"], trained["x"], trained["u"]
     assert ae.losses.shape == (300,) and ae.steps_logged.tolist() == list(range(1, 301))
@@ -40,6 +41,7 @@ def test_autoencoder_on_linear_manifold_recovers_its_subspace(trained):
     assert float(principal_angles(rand, u).max()) > 3 * float(angles.max())
 
 
+@pytest.mark.slow  # through the module fixture `trained`
 def test_learned_basis_is_the_decoder_jacobian_at_the_code(trained):
     ae, x = trained["ae"], trained["x"][:4]
     tb = ae_lib.learned_tangent_basis(ae, x)
@@ -51,6 +53,7 @@ def test_learned_basis_is_the_decoder_jacobian_at_the_code(trained):
     np.testing.assert_allclose(tb2.basis, tb.basis, atol=1e-6)
 
 
+@pytest.mark.slow  # through the module fixture `trained`
 def test_checkpoint_round_trip(trained, tmp_path):
     ae, x = trained["ae"], trained["x"][:4]
     path = tmp_path / "ae"

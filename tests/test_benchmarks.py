@@ -57,6 +57,7 @@ def test_sweep_benchmark_rows_are_sane():
     assert [r["scaling_vs_k1"] for r in res["rows"] if r["k"] == 1] == [1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_default_sweep_benchmark_times_every_phase():
     from pagjax.experiment import SweepConfig
     from pagjax.measure import MeasureConfig
@@ -151,6 +152,7 @@ def test_engine_benchmark_torch_transcriptions_match_the_jax_models():
     assert den["jax:den"]["params"] == den["torch:den"]["params"] and den["jax:den"]["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_engine_benchmark_unet_rows_against_torch():
     pytest.importorskip("torch")
     res = bench_engine.run(("unet",), sizes=bench_engine.TINY, repeats=1)
@@ -167,6 +169,7 @@ def test_engine_benchmark_unet_rows_against_torch():
         bench_engine.run(("unet",), sizes=bench_engine.TINY, use_torch=False, unet_variants=("bogus",))
 
 
+@pytest.mark.slow
 def test_torch_unet_is_the_score_model_unet():
     torch = pytest.importorskip("torch")
     import jax
@@ -264,6 +267,7 @@ def test_vs_torch_benchmark_rows_are_sane():
     ("cnn:width=4", (7, 9, 3), "gradnorm"),  # odd sizes: flax's asymmetric 'SAME' padding
     ("resnet18:width=4", (16, 16, 3), "ce"), ("resnet18:width=4", (16, 16, 3), "gradnorm"),
 ])
+@pytest.mark.slow
 def test_torch_transcription_computes_pagjax_loss_and_gradients(spec, image, objective):
     torch = pytest.importorskip("torch")
     import jax

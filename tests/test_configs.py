@@ -42,6 +42,7 @@ def test_full_configs_hold_the_paper_settings(path):
     assert smoke.dataset == "digits" and set(smoke.strengths[method]) <= set(grid)
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_sweep_outputs(tmp_path):
     path = [p for p in CONFIGS if p.endswith("cifar10_noise.py")][0]
     out = str(tmp_path / "smoke")

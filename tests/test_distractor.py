@@ -66,6 +66,7 @@ def test_bad_input():
         distractor.render_letters(np.zeros(2, int), (5, 5), seed=0)
 
 
+@pytest.mark.slow
 def test_distractor_command_runs_end_to_end(tmp_path):
     from experiments import distractor as cmd
 

@@ -12,6 +12,7 @@ from pagjax import experiment
 from pagjax.experiment import SettingsMismatchError, SweepConfig, run_sweep
 from pagjax.measure import MeasureConfig
 from pagjax.training import OptimizerConfig
+from tests.helpers import optimized_compilation
 
 # A faster cousin of the default run: two methods, three strengths each, one seed, a smaller
 # MLP. The class-informative normal feature is larger (0.3) and the on-manifold classes
@@ -36,12 +37,14 @@ TINY = SweepConfig(
 @pytest.fixture(scope="module")
 def physics_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("physics"))
-    summaries = run_sweep(PHYSICS, out, progress=False, log=lambda s: None)
+    with optimized_compilation():  # 600 steps of 6 models: 16 s optimised, 23 s not
+        summaries = run_sweep(PHYSICS, out, progress=False, log=lambda s: None)
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     return out, summaries, rows
 
 
+@pytest.mark.slow  # through the module fixture `physics_run`
 @pytest.mark.parametrize("method", PHYSICS.methods)
 def test_known_manifold_sweep_shows_weak_then_aligned_then_excessive(physics_run, method):
     _, summaries, all_rows = physics_run
@@ -65,6 +68,7 @@ def test_known_manifold_sweep_shows_weak_then_aligned_then_excessive(physics_run
     assert s["peak_at"] == middle
 
 
+@pytest.mark.slow  # through the module fixture `physics_run`
 def test_outputs_are_complete(physics_run):
     out, _, rows = physics_run
     for name in ("config.json", "results.csv", "regimes.json", "summary.json", "figure3.png", "gradients_noise.png",
@@ -79,6 +83,7 @@ def test_outputs_are_complete(physics_run):
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # atomic writes left no temp files
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_work_and_refuses_other_settings(tmp_path):
     out = str(tmp_path)
     run_sweep(TINY, out, progress=False, log=lambda s: None)

@@ -246,6 +246,7 @@ def test_seed_images_low_frequency_and_class_means():
 
 # --------------------------------------------------------------------------- the command
 
+@pytest.mark.slow
 def test_command_small_run(tmp_path):
     from experiments import generate as cmd
 

@@ -13,6 +13,10 @@ from pagjax.numerics import per_example_norm
 N = 64  # one batch shape for every quadrature call: one compilation per manifold
 
 
+# quadratures on a fine grid: these tests start first (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def manifold():
     return make_curved_manifold()

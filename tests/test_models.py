@@ -37,6 +37,7 @@ def test_resnet_forward_returns_updated_running_stats_without_mutation():
     assert max(unchanged) == 0  # ... in a new pytree, the input untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_inference_mode_treats_examples_independently(name):
     """Row i of the batched input-gradient equals the gradient of example i alone."""

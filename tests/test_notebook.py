@@ -38,6 +38,7 @@ def test_notebook_is_plain_python():
         compile(src, f"quickstart.ipynb code cell {i}", "exec")
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(monkeypatch):
     import matplotlib.pyplot as plt
 

@@ -68,6 +68,7 @@ def test_sweep_alignment_curve_follows_the_protocol(protocol, column):
         measure.MeasureConfig(alignment="bogus").validate()
 
 
+@pytest.mark.slow
 def test_digits_sweep_with_the_score_model_and_the_paper_protocol(tmp_path):
     import csv
     import dataclasses

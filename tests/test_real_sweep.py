@@ -30,6 +30,7 @@ def real_run(tmp_path_factory):
     return out, summaries, rows, logs
 
 
+@pytest.mark.slow  # through the module fixture `real_run`
 def test_digits_sweep_writes_outputs_with_learned_geometry(real_run):
     out, summaries, rows, logs = real_run
     for name in ("results.csv", "figure3.png", "gradients_noise.png", "learned/tangent_basis.npz",
@@ -63,6 +64,7 @@ def test_digits_sweep_writes_outputs_with_learned_geometry(real_run):
     assert any(line.startswith("autoencoder: trained") for line in logs)
 
 
+@pytest.mark.slow  # through the module fixture `real_run`
 def test_rerun_loads_the_cached_autoencoder_and_denoiser(real_run, tmp_path):
     out, _, rows, _ = real_run
     logs = []

@@ -181,6 +181,7 @@ def test_tweedie_bayes_and_score_source():
 # --------------------------------------------------------------------------- known manifold
 
 
+@pytest.mark.slow
 def test_learned_scores_match_exact_on_linear_manifold():
     from pagjax.manifolds import build_manifold, make_dataset
 
@@ -285,6 +286,7 @@ def test_a_killed_cached_training_resumes_from_its_settings_folder_and_other_set
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-6), resumed.params, full.params)
 
 
+@pytest.mark.slow
 def test_noise_classifier_gives_a_direct_bayes_gradient_on_linear_manifold():
     # measured (width 256, depth 3): 0.88 after 500 steps, 0.93 after 1500 (8192 samples); the
     # score difference: 0.71. Here (width 128, depth 2, 300 steps): 0.78-0.79 over two seeds.

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from tests._gm_fixture import make_fixture
+from tests.helpers import optimized_compilation
 
 # the implementation lives in pagjax.alignment; `pagjax.grad_align` is a callable module forwarding to it
 ga = importlib.import_module("pagjax.alignment")
@@ -52,8 +53,9 @@ def setup():
     tr = m.sample(jax.random.key(0), 2048)
     te = m.sample(jax.random.key(1), 256)
     kw = dict(noise_levels=LEVELS, steps=1500, width=96, depth=2, key=jax.random.key(2))
-    uncond = scores.train_denoiser(tr[0], **kw)
-    cond = scores.train_denoiser(tr[0], tr[1], conditional=True, **kw)
+    with optimized_compilation():  # 3000 training steps: running, not compiling, is the time
+        uncond = scores.train_denoiser(tr[0], **kw)
+        cond = scores.train_denoiser(tr[0], tr[1], conditional=True, **kw)
     return m, te[0], te[1], uncond, cond
 
 
@@ -79,12 +81,14 @@ def _check_denoiser(m, x, y, den, conditional):
     return rows
 
 
+@pytest.mark.slow  # through the module fixture `setup`
 def test_unconditional_denoiser_reaches_stated_error_and_score_alignment(setup):
     m, x, y, uncond, _ = setup
     rows = _check_denoiser(m, x, y, uncond, conditional=False)
     print("unconditional (s, mse, exact mse, cosine):", rows)
 
 
+@pytest.mark.slow  # through the module fixture `setup`
 def test_conditional_denoiser_reaches_stated_error_and_score_alignment(setup):
     m, x, y, _, cond = setup
     rows = _check_denoiser(m, x, y, cond, conditional=True)
@@ -93,6 +97,7 @@ def test_conditional_denoiser_reaches_stated_error_and_score_alignment(setup):
         scores.learned_score(cond)(x, None, noise_level=0.3)
 
 
+@pytest.mark.slow  # through the module fixture `setup`
 def test_tweedie_formula_and_orbax_round_trip(setup, tmp_path):
     m, x, y, uncond, cond = setup
     s = 0.3
@@ -110,6 +115,7 @@ def test_tweedie_formula_and_orbax_round_trip(setup, tmp_path):
         scores.load_denoiser(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # through the module fixture `setup`
 def test_learned_score_in_grad_align_with_cache(setup):
     m, x, y, _, cond = setup
     s = 0.3
