@@ -1,10 +1,13 @@
-"""One-shot compile options change the compiler's effort, not the numbers."""
+"""One-shot compile options change the compiler's effort, not the numbers; the persistent
+compile cache serves the next process."""
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagjax import engine
+from pagjax import engine, xla
 from pagjax.xla import ONE_SHOT_OPTIONS, jit_one_shot
 
 
@@ -44,3 +47,42 @@ def test_epoch_orders_compile_once_per_example_count():
         assert all(sorted(np.asarray(p).tolist()) == list(range(40)) for p in perms)
     engine._stacked_epoch_permutations(jax.random.split(jax.random.key(1), 3), 0, 40)
     assert engine._stacked_epoch_permutations._cache_size() == before + 1
+
+
+_CACHED_RUN = """
+import sys, jax, jax.numpy as jnp
+from jax import monitoring
+from pagjax import xla
+hits = []
+monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+assert xla.use_compile_cache(sys.argv[1], min_compile_seconds=0.0) == sys.argv[1]
+f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0) * 3.0)
+print(float(f(jnp.arange(12.0).reshape(3, 4) / 10).sum()), len(hits))
+"""
+
+
+def test_compile_cache_keeps_programs_for_the_next_process(tmp_path):
+    import subprocess
+    import sys
+
+    folder = str(tmp_path / "xla")
+    env = {k: v for k, v in os.environ.items() if k != "PAGJAX_COMPILE_CACHE"}
+    runs = [subprocess.run([sys.executable, "-c", _CACHED_RUN, folder], capture_output=True, text=True, env=env,
+                           check=True).stdout.split() for _ in range(2)]
+    assert os.listdir(folder)  # the first process wrote its program
+    (value1, hits1), (value2, hits2) = runs
+    assert value1 == value2 and int(hits1) == 0 and int(hits2) >= 1  # the second loaded it: same numbers
+
+
+def test_compile_cache_folder_and_the_callers_own_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("PAGJAX_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert xla.default_compile_cache_dir() == str(tmp_path / "xdg" / "pagjax" / "xla")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert xla.default_compile_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "pagjax", "xla")
+    monkeypatch.setenv("PAGJAX_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert xla.default_compile_cache_dir() == str(tmp_path / "mine")
+    # this test process already has a cache (tests/conftest.py): it is kept, nothing is created
+    configured = jax.config.jax_compilation_cache_dir
+    assert configured and xla.use_compile_cache(str(tmp_path / "other")) == configured
+    assert not (tmp_path / "other").exists()
