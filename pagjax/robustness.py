@@ -77,25 +77,32 @@ def _check_x_basis(x, basis) -> Array:
     return basis
 
 
+@jax.jit
+def _orthonormality(b: Array) -> tuple[Array, Array]:
+    """(all finite, max |U^T U - I| over the non-zero columns): one compiled program, not
+    a dozen eager ops (20 ms per measured model in the default sweep)."""
+    gram = jnp.einsum("...dk,...dl->...kl", b, b)
+    # zero columns are allowed: `geometry.orthonormalize` pads a rank-deficient basis with them
+    unit = jnp.diagonal(gram, axis1=-2, axis2=-1) > 0.5
+    ideal = jnp.eye(b.shape[-1], dtype=b.dtype) * unit[..., None, :]
+    return jnp.isfinite(b).all(), jnp.max(jnp.abs(gram - ideal), initial=0.0)
+
+
 def _check_orthonormal(name: str, basis, atol: float = 1e-3) -> None:
     """A tangent basis for on/off-manifold changes must be finite with orthonormal
     columns and leave a normal space: the projections assume P = U U^T, and a skewed
     basis moves the off/on ratio (0.60 -> 0.85 in one probe) without any error."""
     if not validation._is_concrete(basis):
         return
+    d, k = basis.shape[-2], basis.shape[-1]
     with jax.ensure_compile_time_eval():  # concrete: evaluate now, even inside a caller's trace
-        b = jnp.asarray(basis, jnp.float32)
-        if not bool(jnp.isfinite(b).all()):
-            raise ValueError(f"{name} must be finite, but it holds NaN or inf values")
-        d, k = b.shape[-2], b.shape[-1]
-        if k >= d:
-            raise ValueError(f"{name} spans all {d} input dimensions (shape {tuple(b.shape)}): "
-                             "there is no off-manifold direction; the tangent dimension k must be < d")
-        gram = jnp.einsum("...dk,...dl->...kl", b, b)
-        # zero columns are allowed: `geometry.orthonormalize` pads a rank-deficient basis with them
-        unit = jnp.diagonal(gram, axis1=-2, axis2=-1) > 0.5
-        ideal = jnp.eye(k, dtype=b.dtype) * unit[..., None, :]
-        err = float(jnp.max(jnp.abs(gram - ideal))) if k else 0.0
+        finite, err = _orthonormality(jnp.asarray(basis, jnp.float32))
+        finite, err = bool(finite), float(err)
+    if not finite:
+        raise ValueError(f"{name} must be finite, but it holds NaN or inf values")
+    if k >= d:
+        raise ValueError(f"{name} spans all {d} input dimensions (shape {tuple(basis.shape)}): "
+                         "there is no off-manifold direction; the tangent dimension k must be < d")
     if err > atol:
         raise ValueError(f"{name} must have orthonormal columns (U^T U = I, zero columns allowed); it is off by "
                          f"up to {err:.3g}. Orthonormalise it first, e.g. pagjax.geometry.orthonormalize")
