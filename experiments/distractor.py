@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=2, help="noise draws per image and level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    from experiments.sweep_eps import add_compile_cache_flags
+
+    add_compile_cache_flags(p)
     return p.parse_args(argv)
 
 
@@ -140,6 +143,9 @@ def main(argv=None) -> int:
     if args.dataset not in ("digits", "mnist", "fashion_mnist"):
         print(f"error: unknown dataset {args.dataset!r}; expected digits, mnist or fashion_mnist", file=sys.stderr)
         return 2
+    from experiments.sweep_eps import start_compile_cache
+
+    start_compile_cache(args)
     try:
         run(args)
     except ValueError as e:  # includes DatasetUnavailableError

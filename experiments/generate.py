@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bayes-noise", type=float, default=0.3, help="noise level of the Bayes-optimal reference classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of the procedures' randomness")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from experiments.sweep_eps import add_compile_cache_flags
+
+    add_compile_cache_flags(p)
     return p.parse_args(argv)
 
 
@@ -323,6 +326,9 @@ def main(argv=None) -> int:
         if getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be a positive integer", file=sys.stderr)
             return 2
+    from experiments.sweep_eps import start_compile_cache
+
+    start_compile_cache(args)
     try:
         run(args)
     except ValueError as e:

@@ -43,8 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default=None, help="override the sweep strategy: auto, vmap, loop, sharded")
     p.add_argument("--overwrite", action="store_true", help="replace results made with other settings")
     p.add_argument("--no-progress", action="store_true")
+    from experiments.sweep_eps import add_compile_cache_flags, run_and_report, start_compile_cache
+
+    add_compile_cache_flags(p)
     args = p.parse_args(argv)
-    from experiments.sweep_eps import run_and_report
 
     try:
         config = load_config(args.config, args.smoke)
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
         return 2
     name = os.path.splitext(os.path.basename(args.config))[0]
     out = args.out or os.path.join("runs", name + ("_smoke" if args.smoke else ""))
+    start_compile_cache(args)
     return run_and_report(config, out, overwrite=args.overwrite, progress=not (args.no_progress or args.smoke))
 
 

@@ -168,11 +168,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-seconds", type=float, default=SweepConfig.checkpoint_seconds,
                    help="seconds of training between checkpoints: a kill loses at most this much of a training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the phase lines are still printed)")
+    add_compile_cache_flags(p)
+    return p.parse_args(argv)
+
+
+def add_compile_cache_flags(p: argparse.ArgumentParser) -> None:
+    """--compile-cache DIR / --no-compile-cache, for every command line that trains."""
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs here, so that a rerun skips most compiling (default: "
                         "$PAGJAX_COMPILE_CACHE, else $XDG_CACHE_HOME/pagjax/xla, else ~/.cache/pagjax/xla)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh and keep nothing")
-    return p.parse_args(argv)
+
+
+def start_compile_cache(args: argparse.Namespace) -> None:
+    """Turn on the persistent compile cache the flags ask for (`pagjax.xla.use_compile_cache`);
+    call it before anything compiles. A folder that cannot be made costs a note, not the run."""
+    if args.no_compile_cache:
+        return
+    from pagjax import xla
+
+    folder = args.compile_cache or xla.default_compile_cache_dir()
+    if xla.use_compile_cache(folder) is None:
+        print(f"note: cannot create the compile cache {folder}; compiling everything (--compile-cache DIR to "
+              "choose another folder)", file=sys.stderr)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -265,13 +283,7 @@ def main(argv=None) -> int:
     except (ValueError, io_lib.OutputNotWritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.no_compile_cache:
-        from pagjax import xla
-
-        folder = args.compile_cache or xla.default_compile_cache_dir()
-        if xla.use_compile_cache(folder) is None:
-            print(f"note: cannot create the compile cache {folder}; compiling everything (--compile-cache DIR to "
-                  "choose another folder)", file=sys.stderr)
+    start_compile_cache(args)
     return run_and_report(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
 
 

@@ -36,6 +36,9 @@ jax.config.update("jax_num_cpu_devices", NUM_FAKE_DEVICES)
 if "PAGJAX_TEST_COMPILE_CACHE" not in os.environ:
     os.environ["PAGJAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="pagjax-test-compile-cache-")
 COMPILE_CACHE_DIR = os.environ["PAGJAX_TEST_COMPILE_CACHE"]
+# the command lines' own cache (pagjax.xla.use_compile_cache), also in subprocesses: this run's
+# folder, never the user's ~/.cache
+os.environ["PAGJAX_COMPILE_CACHE"] = COMPILE_CACHE_DIR
 jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

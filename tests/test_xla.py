@@ -55,6 +55,7 @@ from jax import monitoring
 from pagjax import xla
 hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+assert xla.use_compile_cache(sys.argv[2]) is None and jax.config.jax_compilation_cache_dir is None  # cannot be made
 assert xla.use_compile_cache(sys.argv[1], min_compile_seconds=0.0) == sys.argv[1]
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0) * 3.0)
 print(float(f(jnp.arange(12.0).reshape(3, 4) / 10).sum()), len(hits))
@@ -66,8 +67,10 @@ def test_compile_cache_keeps_programs_for_the_next_process(tmp_path):
     import sys
 
     folder = str(tmp_path / "xla")
+    (tmp_path / "a_file").write_text("")
+    cannot = str(tmp_path / "a_file" / "xla")  # under a file: no folder can be made there
     env = {k: v for k, v in os.environ.items() if k != "PAGJAX_COMPILE_CACHE"}
-    runs = [subprocess.run([sys.executable, "-c", _CACHED_RUN, folder], capture_output=True, text=True, env=env,
+    runs = [subprocess.run([sys.executable, "-c", _CACHED_RUN, folder, cannot], capture_output=True, text=True, env=env,
                            check=True).stdout.split() for _ in range(2)]
     assert os.listdir(folder)  # the first process wrote its program
     (value1, hits1), (value2, hits2) = runs
