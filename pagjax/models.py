@@ -141,7 +141,7 @@ class Model:
 
     def init(self, key: Array, sample_input: Array) -> Variables:
         validation.check_images("sample_input", sample_input, ranks=(4,))
-        return dict(_init(self.module, key, sample_input))
+        return dict(init_variables(self.module, key, sample_input, train=False))
 
     def apply(self, variables: Variables, x: Array) -> Array:
         return self.module.apply(variables, x, train=False)
@@ -153,12 +153,16 @@ class Model:
         return logits, dict(updates)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(module: nn.Module, key: Array, sample_input: Array) -> Variables:
-    # One compiled program per network (modules compare by configuration): eager
-    # initialisation compiled every initializer's operations one by one, several times
-    # slower on CPU. Same values: the random draws do not depend on jit.
-    return module.init(key, sample_input, train=False)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="train")
+def init_variables(module: nn.Module, key: Array, *inputs, train: bool | None = None) -> Variables:
+    """``module.init(key, *inputs[, train=train])``, compiled once per network (modules
+    compare by configuration) and input shapes: every network the project builds (the
+    classifiers, the denoisers, the score model) is initialised through it.
+
+    Eager initialisation compiled every initializer's operations one by one, several times
+    slower on CPU. Same values: the random draws do not depend on jit.
+    """
+    return module.init(key, *inputs, **({} if train is None else {"train": train}))
 
 
 def _parse_options(text: str) -> dict[str, Any]:

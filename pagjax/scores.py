@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from pagjax import chunks, engine
+from pagjax import chunks, engine, models
 from pagjax import io as io_lib
 from pagjax import validation
 from pagjax.static import Static
@@ -308,10 +308,10 @@ def _denoise(net, sigma_data, params, mean, x, s, y):
 _denoise_jit = jax.jit(_denoise, static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def init_params(net: nn.Module, key: Array, *inputs):
-    """``net.init(key, *inputs)["params"]``, compiled once per network and input shapes."""
-    return net.init(key, *inputs)["params"]
+    """``net.init(key, *inputs)["params"]``, compiled once per network and input shapes
+    (`pagjax.models.init_variables`)."""
+    return models.init_variables(net, key, *inputs)["params"]
 
 
 def _tweedie_score(config: tuple, params, x, y, s):
