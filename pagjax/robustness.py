@@ -94,14 +94,15 @@ def _check_orthonormal(name: str, basis, atol: float = 1e-3) -> None:
     basis moves the off/on ratio (0.60 -> 0.85 in one probe) without any error."""
     if not validation._is_concrete(basis):
         return
-    d, k = basis.shape[-2], basis.shape[-1]
     with jax.ensure_compile_time_eval():  # concrete: evaluate now, even inside a caller's trace
-        finite, err = _orthonormality(jnp.asarray(basis, jnp.float32))
+        b = jnp.asarray(basis, jnp.float32)
+        finite, err = _orthonormality(b)
         finite, err = bool(finite), float(err)
+    d, k = b.shape[-2], b.shape[-1]
     if not finite:
         raise ValueError(f"{name} must be finite, but it holds NaN or inf values")
     if k >= d:
-        raise ValueError(f"{name} spans all {d} input dimensions (shape {tuple(basis.shape)}): "
+        raise ValueError(f"{name} spans all {d} input dimensions (shape {tuple(b.shape)}): "
                          "there is no off-manifold direction; the tangent dimension k must be < d")
     if err > atol:
         raise ValueError(f"{name} must have orthonormal columns (U^T U = I, zero columns allowed); it is off by "
