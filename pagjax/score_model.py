@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from pagjax import chunks, engine
+from pagjax import chunks, engine, models
 from pagjax import scores as scores_lib
 from pagjax import validation
 from pagjax.static import Static
@@ -388,7 +388,7 @@ def train_score_model(
     step_fn, net, tx = make_step_fn(config, image_shape, mean, sigma_data)
     k_init, k_data, k_train = jax.random.split(key, 3)
     y0 = jnp.zeros((1,), jnp.int32) if config.num_classes else None
-    params = scores_lib.init_params(net, k_init, x[:1], jnp.zeros((1,), jnp.float32), y0)
+    params = models.init_variables(net, k_init, x[:1], jnp.zeros((1,), jnp.float32), y0)["params"]
     state = TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params), k_train)
     res = engine.train_loop(step_fn, state, (x, y), k_data, steps=config.steps, batch_size=min(config.batch_size, n),
                             checkpointer=checkpointer, checkpoint_every=checkpoint_every,
@@ -671,7 +671,7 @@ def train_noise_classifier(x: Array, y: Array, num_classes: int, config: ScoreMo
         return _adam_ema_update(state, loss, grads, tx, config.ema_decay)
 
     k_init, k_data, k_train = jax.random.split(key, 3)
-    params = scores_lib.init_params(net, k_init, x[:1], jnp.zeros((1,)))
+    params = models.init_variables(net, k_init, x[:1], jnp.zeros((1,)))["params"]
     state = TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params), k_train)
     res = engine.train_loop(step_fn, state, (x, y), k_data, steps=config.steps,
                             batch_size=min(config.batch_size, x.shape[0]), progress=progress)

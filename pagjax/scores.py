@@ -303,15 +303,8 @@ def _denoise(net, sigma_data, params, mean, x, s, y):
 
 
 # One program per network configuration and input shape (modules compare by value): eager
-# evaluation and initialisation compiled every operation separately, several times slower
-# on CPU. Same values: the random draws do not depend on jit.
+# evaluation compiled every operation separately, several times slower on CPU.
 _denoise_jit = jax.jit(_denoise, static_argnums=0)
-
-
-def init_params(net: nn.Module, key: Array, *inputs):
-    """``net.init(key, *inputs)["params"]``, compiled once per network and input shapes
-    (`pagjax.models.init_variables`)."""
-    return models.init_variables(net, key, *inputs)["params"]
 
 
 def _tweedie_score(config: tuple, params, x, y, s):
@@ -431,7 +424,8 @@ def train_denoiser(
     net = den.net()
     k_init, k_loop, k_data = jax.random.split(key, 3)
     bs = min(batch_size, n)
-    params = init_params(net, k_init, x_train[:1], jnp.zeros((1,), jnp.float32), y_arr[:1] if conditional else None)
+    y0 = y_arr[:1] if conditional else None
+    params = models.init_variables(net, k_init, x_train[:1], jnp.zeros((1,), jnp.float32), y0)["params"]
     sched = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05)
     opt = optax.adam(sched)
     lv = jnp.asarray(levels)

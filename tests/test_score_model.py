@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from pagjax import io as io_lib
+from pagjax import models
 from pagjax import score_model as sm
 from pagjax import scores as scores_lib
 
@@ -48,7 +49,7 @@ def test_unet_shapes_and_identity_at_init():
         cfg = sm.ScoreModelConfig(channels=(8, 16), emb_dim=16, num_classes=3)
         net = sm.make_network(cfg, shape)
         x = jax.random.normal(jax.random.key(0), (2, *shape))
-        params = scores_lib.init_params(net, jax.random.key(1), x, jnp.zeros((2,)), jnp.asarray([0, 3]))
+        params = models.init_variables(net, jax.random.key(1), x, jnp.zeros((2,)), jnp.asarray([0, 3]))["params"]
         mean = jnp.full(shape, 0.2)
         model = sm.ScoreModel(params=params, mean=mean, sigma_data=0.5, config=cfg, image_shape=shape)
         d = sm.denoise(model, x, 0.5, jnp.asarray([1, 2]))
