@@ -22,6 +22,7 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jaxlib  # noqa: E402
+import pytest  # noqa: E402
 
 # XLA reads XLA_FLAGS when the backend starts (the first JAX operation) and aborts on a flag
 # it does not know, so the flag is added only for the jaxlib it was measured with.
@@ -43,6 +44,19 @@ jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(autouse=True)
+def _compilation_effort(request):
+    """Tests marked `optimized` spend their time running programs, not compiling them: they
+    compile with XLA's full optimisation (`tests.helpers.optimized_compilation`)."""
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    from tests.helpers import optimized_compilation
+
+    with optimized_compilation():
+        yield
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -13,8 +13,9 @@ from pagjax.numerics import per_example_norm
 N = 64  # one batch shape for every quadrature call: one compilation per manifold
 
 
-# quadratures on a fine grid: these tests start first (tests/conftest.py)
-pytestmark = pytest.mark.slow
+# quadratures on a fine grid: these tests start first, and their time is spent running the
+# quadratures, so they compile with full optimisation (tests/conftest.py): 66 s -> 37 s
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 
 @pytest.fixture(scope="module")
