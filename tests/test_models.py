@@ -89,3 +89,24 @@ def test_equal_builds_share_compiled_programs():
     wider = build_model("mlp:width=16", 3)
     logits(wider.apply, wider.init(jax.random.key(0), x), x)
     assert len(traces) == 2
+
+
+def test_init_variables_draws_what_module_init_draws_and_compiles_once_per_network():
+    from pagjax import models
+
+    model = build_model("mlp:width=16", num_classes=3)
+    x = jnp.zeros((1, 8, 8, 3))
+    with jax.disable_jit():  # flax's own initialisation, operation by operation
+        eager = model.module.init(jax.random.key(5), x, train=False)
+    program = models._init_quick if jax.default_backend() == "cpu" else models._init_default
+    before = program._cache_size()
+    compiled = models.init_variables(model.module, jax.random.key(5), x, train=False)
+    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+    # the same random draws: equal up to float32 rounding of the unoptimised program
+    chex.assert_trees_all_close(compiled, eager, rtol=1e-6, atol=1e-7)
+    other_key = models.init_variables(model.module, jax.random.key(6), x, train=False)
+    assert not any(np.allclose(a, b) for a, b in zip(jax.tree.leaves(compiled["params"]), jax.tree.leaves(other_key["params"]))
+                   if np.ptp(a) > 0)
+    # an equal network (modules compare by configuration) reuses the compiled program
+    models.init_variables(build_model("mlp:width=16", num_classes=3).module, jax.random.key(7), x, train=False)
+    assert program._cache_size() == before + 1
