@@ -123,16 +123,15 @@ def _gather(data, idx):
     return jax.tree.map(lambda a: a[idx], data)
 
 
-def _trace_step(step_fn, state, data, batch_size):
-    """(jaxpr, metrics shapes) of one step: a single trace for both checks."""
-    batch = jax.eval_shape(lambda d: _gather(d, jnp.arange(batch_size)), data)
-    jaxpr, (_, metrics) = jax.make_jaxpr(step_fn, return_shape=True)(state, batch)
-    return jaxpr.jaxpr, metrics
-
-
 class _Programs:
     """The jitted programs of one `train_loop` call: a device loop of any length (the trip
-    count is an argument, so one compilation serves every chunk) or a single step."""
+    count is an argument, so one compilation serves every chunk) or a single step.
+
+    The step is traced once, on the first call: that trace gives the metrics' names, whether
+    the step convolves (``step_loop="auto"``, `choose_step_loop`) and, for a host loop, the
+    program itself; a device loop traces once more, inside its `lax.fori_loop`. (Tracing
+    a U-Net's training step takes seconds; this was three traces.)
+    """
 
     def __init__(self, step_fn, batch_size, vmapped, step_loop):
         def one(state, data, perm, offset):
@@ -140,35 +139,46 @@ class _Programs:
 
         self.one = jax.vmap(one, in_axes=(0, None, 0, None)) if vmapped else one
         self.step_loop = step_loop
-        self.program = jax.jit(self._chunk if step_loop == "device" else self._single, donate_argnums=(0, 1))
-
-    def _body(self, data, perm, offset):
-        def body(i, carry):
-            s, b, _ = carry
-            s, m = self.one(s, data, perm, offset + i)
-            return s, b | ~m["finite"], m
-
-        return body
-
-    def _zero_metrics(self, state, data, perm, offset):
-        shapes = jax.eval_shape(self.one, state, data, perm, offset)[1]
-        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-
-    def _chunk(self, state, bad, data, perm, offset, n):
-        init = (state, bad, self._zero_metrics(state, data, perm, offset))
-        return jax.lax.fori_loop(0, n, self._body(data, perm, offset), init)
+        self._step = None  # the compiled single step (host loop)
+        self._chunk_program = None  # the jitted device loop
+        self._metrics_like = None
 
     def _single(self, state, bad, data, perm, offset):
-        # no while loop at all (see `choose_step_loop`)
-        return self._body(data, perm, offset)(0, (state, bad, self._zero_metrics(state, data, perm, offset)))
+        s, m = self.one(state, data, perm, offset)
+        if not isinstance(m, dict) or "loss" not in m or "finite" not in m:
+            raise ValueError(f"step_fn's metrics must be a dict with 'loss' and 'finite', got {m!r}")
+        return s, bad | ~m["finite"], m
+
+    def _chunk(self, state, bad, data, perm, offset, n):
+        def body(i, carry):
+            s, b, _ = carry
+            return self._single(s, b, data, perm, offset + i)
+
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._metrics_like)
+        return jax.lax.fori_loop(0, n, body, (state, bad, zeros))
+
+    def prepare(self, state, bad, data, perm):
+        """Trace one step and choose the loop; compile the host loop's step."""
+        single = jax.jit(self._single, donate_argnums=(0, 1))
+        # the jitted call with these arguments reuses this trace
+        traced = single.trace(state, bad, data, perm, jnp.int32(0))
+        self._metrics_like = traced.out_info[2]
+        if self.step_loop == "auto":
+            self.step_loop = choose_step_loop(_has_convolution(traced.jaxpr.jaxpr))
+        if self.step_loop == "host":
+            self._step = single
+        else:
+            self._chunk_program = jax.jit(self._chunk, donate_argnums=(0, 1))
 
     def advance(self, state, bad, data, perm, offset, n):
         """n steps from batch ``offset`` of the epoch whose order is ``perm``."""
+        if self._step is None and self._chunk_program is None:
+            self.prepare(state, bad, data, perm)
         if self.step_loop == "device":
-            return self.program(state, bad, data, perm, jnp.int32(offset), jnp.int32(n))
+            return self._chunk_program(state, bad, data, perm, jnp.int32(offset), jnp.int32(n))
         metrics = None
         for i in range(n):
-            state, bad, metrics = self.program(state, bad, data, perm, jnp.int32(offset + i))
+            state, bad, metrics = self._step(state, bad, data, perm, jnp.int32(offset + i))
         return state, bad, metrics
 
 
@@ -252,13 +262,6 @@ def train_loop(
     k = int(data_key.shape[0]) if stacked else None
     if stacked and (data_key.ndim != 1 or any(int(a.shape[0]) != k for a in jax.tree.leaves(state))):
         raise ValueError(f"models={models!r} needs state leaves and data_key with a leading axis of the same size")
-
-    one_state = _slice(state, 0) if stacked else state
-    jaxpr, metrics_like = _trace_step(step_fn, one_state, data, batch_size)
-    if step_loop == "auto":
-        step_loop = choose_step_loop(_has_convolution(jaxpr))
-    if "loss" not in metrics_like or "finite" not in metrics_like:
-        raise ValueError(f"step_fn's metrics must include 'loss' and 'finite', got {sorted(metrics_like)}")
 
     bad = jnp.zeros((k,) if stacked else (), bool)
     start = int(start_step)

@@ -98,7 +98,7 @@ def test_checkpoints_are_saved_by_steps_or_by_time(policy, expected):
 
 
 def test_one_compilation_serves_every_chunk_length():
-    def traces(steps):
+    def traces(steps, step_loop="device"):
         count = [0]
 
         def step(state, batch):
@@ -106,11 +106,15 @@ def test_one_compilation_serves_every_chunk_length():
             return _sum_step(state, batch)
 
         engine.train_loop(step, _init(), _data(), jax.random.key(0), steps=steps, batch_size=B, steps_per_call=4,
-                          step_loop="device")
+                          step_loop=step_loop)
         return count[0]
 
-    one_chunk = traces(4)
-    assert traces(23) == one_chunk  # chunks of 4, 2, 2, 4, 4, 2, 4, 1 steps: no retrace
+    # the first step's trace (metrics, loop choice) and the device loop's own
+    assert traces(4) == 2
+    assert traces(23) == 2  # chunks of 4, 2, 2, 4, 4, 2, 4, 1 steps: no retrace
+    # a host loop runs the first trace's program: one trace for every step
+    assert traces(23, step_loop="host") == 1
+    assert traces(23, step_loop="auto") == 2  # no convolution: the device loop
 
 
 def test_convolutions_choose_the_host_loop_on_cpu_only():
