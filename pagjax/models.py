@@ -175,6 +175,8 @@ def init_variables(module: nn.Module, key: Array, *inputs, train: bool | None = 
     slower on CPU. On CPU the program is compiled without backend optimisation (see
     `_QUICK_COMPILE`); the values may differ from an eager ``module.init`` in the last bit.
     """
+    if not validation._is_concrete((key, inputs)):  # inside the caller's jit: part of that program
+        return _init(module, key, *inputs, train=train)
     program = _init_quick if jax.default_backend() == "cpu" else _init_default
     return program(module, key, *inputs, train=train)
 

@@ -110,3 +110,6 @@ def test_init_variables_draws_what_module_init_draws_and_compiles_once_per_netwo
     # an equal network (modules compare by configuration) reuses the compiled program
     models.init_variables(build_model("mlp:width=16", num_classes=3).module, jax.random.key(7), x, train=False)
     assert program._cache_size() == before + 1
+    # under the caller's jit it is part of the caller's program (compiler options are top-level only)
+    inside = jax.jit(lambda k: models.init_variables(model.module, k, x, train=False))(jax.random.key(5))
+    chex.assert_trees_all_close(inside, eager, rtol=1e-6, atol=1e-7)
