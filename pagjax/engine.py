@@ -139,8 +139,7 @@ class _Programs:
 
         self.one = jax.vmap(one, in_axes=(0, None, 0, None)) if vmapped else one
         self.step_loop = step_loop
-        self._step = None  # the compiled single step (host loop)
-        self._chunk_program = None  # the jitted device loop
+        self._program = None  # the jitted device loop or single step, made by `prepare`
         self._metrics_like = None
 
     def _single(self, state, bad, data, perm, offset):
@@ -158,27 +157,24 @@ class _Programs:
         return jax.lax.fori_loop(0, n, body, (state, bad, zeros))
 
     def prepare(self, state, bad, data, perm):
-        """Trace one step and choose the loop; compile the host loop's step."""
+        """Trace one step, choose the loop and make its program."""
         single = jax.jit(self._single, donate_argnums=(0, 1))
-        # the jitted call with these arguments reuses this trace
+        # a call of `single` with arguments like these reuses this trace
         traced = single.trace(state, bad, data, perm, jnp.int32(0))
         self._metrics_like = traced.out_info[2]
         if self.step_loop == "auto":
             self.step_loop = choose_step_loop(_has_convolution(traced.jaxpr.jaxpr))
-        if self.step_loop == "host":
-            self._step = single
-        else:
-            self._chunk_program = jax.jit(self._chunk, donate_argnums=(0, 1))
+        self._program = single if self.step_loop == "host" else jax.jit(self._chunk, donate_argnums=(0, 1))
 
     def advance(self, state, bad, data, perm, offset, n):
         """n steps from batch ``offset`` of the epoch whose order is ``perm``."""
-        if self._step is None and self._chunk_program is None:
+        if self._program is None:
             self.prepare(state, bad, data, perm)
         if self.step_loop == "device":
-            return self._chunk_program(state, bad, data, perm, jnp.int32(offset), jnp.int32(n))
+            return self._program(state, bad, data, perm, jnp.int32(offset), jnp.int32(n))
         metrics = None
         for i in range(n):
-            state, bad, metrics = self._step(state, bad, data, perm, jnp.int32(offset + i))
+            state, bad, metrics = self._program(state, bad, data, perm, jnp.int32(offset + i))
         return state, bad, metrics
 
 

@@ -17,7 +17,6 @@ after a colon, e.g. ``mlp:width=256,depth=3,act=softplus`` or ``resnet18:act=sof
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
