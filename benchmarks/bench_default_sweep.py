@@ -111,6 +111,12 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "default_sweep")
     args = ap.parse_args(argv)
+    from experiments import sweep_eps
+
+    # the command's CPU devices, before the first JAX operation (what `python -m
+    # experiments.sweep_eps` does; XLA_FLAGS or an earlier JAX start take precedence)
+    cli = sweep_eps.parse_args([])
+    sweep_eps.start_cpu_devices(cli, sweep_eps.config_from_args(cli))
     return common.run_and_report(lambda: run(args.quick), print_table, args.json)
 
 

@@ -212,7 +212,8 @@ def setup_fake_devices(argv=None) -> int | None:
     """Apply ``--fake-devices N`` before JAX initialises its backend (CPU only).
 
     Must be called before any JAX operation. Fake CPU devices share the same cores:
-    they exercise the sharded code path, they do not add compute.
+    they exercise the sharded code path, and since each runs its program on its own thread,
+    they can use the cores better than one device (`pagjax.sweep.cpu_devices_for`).
     """
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -43,9 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default=None, help="override the sweep strategy: auto, vmap, loop, sharded")
     p.add_argument("--overwrite", action="store_true", help="replace results made with other settings")
     p.add_argument("--no-progress", action="store_true")
-    from experiments.sweep_eps import add_compile_cache_flags, run_and_report, start_compile_cache
+    from experiments.sweep_eps import (add_compile_cache_flags, add_cpu_devices_flag, run_and_report,
+                                       start_compile_cache, start_cpu_devices)
 
     add_compile_cache_flags(p)
+    add_cpu_devices_flag(p)
     args = p.parse_args(argv)
 
     try:
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config))[0]
     out = args.out or os.path.join("runs", name + ("_smoke" if args.smoke else ""))
     start_compile_cache(args)
+    start_cpu_devices(args, config)
     return run_and_report(config, out, overwrite=args.overwrite, progress=not (args.no_progress or args.smoke))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import numpy as np
@@ -159,6 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--robust-eps", type=float, default=None, help="also measure PGD robust accuracy at this L2 radius")
     p.add_argument("--strategy", default="auto", help="how models share the hardware: auto, vmap, loop, sharded. They round differently, so "
                         "the resolved strategy is recorded and a resume must use the same")
+    add_cpu_devices_flag(p)
     p.add_argument("--overwrite", action="store_true", help="delete results in --out that were made with other settings")
     from pagjax.experiment import SweepConfig  # its default: one place for it
 
@@ -191,6 +193,35 @@ def start_compile_cache(args: argparse.Namespace) -> None:
     if xla.use_compile_cache(folder) is None:
         print(f"note: cannot create the compile cache {folder}; compiling everything (--compile-cache DIR to "
               "choose another folder)", file=sys.stderr)
+
+
+def _device_count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_cpu_devices_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-devices", type=_device_count, default=None,
+                   help="split the CPU into N XLA devices, so the sharded strategy trains groups of models side by side "
+                        "(default for MLP sweeps with --strategy auto: one per core, as many as divide every method's "
+                        "models; 1: one device)")
+
+
+def start_cpu_devices(args: argparse.Namespace, config) -> None:
+    """Split the CPU into devices for the sharded strategy (`pagjax.sweep.cpu_devices_for`);
+    call it before the first JAX operation. Where JAX has already started (a notebook, the
+    tests) the devices stay as they are."""
+    from pagjax import devices, sweep
+
+    n = args.cpu_devices
+    if n is None:
+        if config.strategy not in ("auto", "sharded") or config.model.split(":")[0] != "mlp":
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = sweep.cpu_devices_for([len(config.strengths[m]) * len(config.seeds) for m in config.methods], cores)
+    if not devices.split_cpu(n) and args.cpu_devices is not None:
+        print(f"note: JAX has already started, so --cpu-devices {n} does not apply", file=sys.stderr)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -284,6 +315,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     start_compile_cache(args)
+    start_cpu_devices(args, config)
     return run_and_report(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
 
 

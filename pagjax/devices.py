@@ -11,6 +11,23 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+def split_cpu(num_devices: int) -> bool:
+    """Make XLA's CPU backend ``num_devices`` devices (``jax_num_cpu_devices``).
+
+    Only possible before JAX's backends start (the first JAX operation): returns whether it
+    was applied; after that the devices stay as they are. XLA:CPU runs each device's
+    program on its own thread, so a sharded program uses the cores side by side (see
+    `pagjax.sweep.cpu_devices_for`).
+    """
+    if not isinstance(num_devices, int) or num_devices < 1:
+        raise ValueError(f"num_devices must be a positive integer, got {num_devices!r}")
+    try:
+        jax.config.update("jax_num_cpu_devices", num_devices)
+    except RuntimeError:  # the backends have started: the caller's devices stay
+        return False
+    return True
+
+
 def make_mesh(axis_name: str = "batch", devices=None) -> Mesh:
     """A 1-D mesh over `devices` (default: all local devices) with an Auto axis."""
     devices = list(devices if devices is not None else jax.local_devices())

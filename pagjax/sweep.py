@@ -16,7 +16,9 @@ the K models share the hardware changes (``strategy``):
   spans every host's devices with the same code.
 * ``"auto"``: ``sharded`` when there are several devices, else ``vmap`` for MLPs and
   on accelerators, ``loop`` for conv nets on CPU (see `choose_strategy`; the figures
-  behind it come from ``python -m benchmarks.bench_sweep``).
+  behind it come from ``python -m benchmarks.bench_sweep``). On CPU the command line
+  splits the cores into devices for MLP sweeps first (`cpu_devices_for`), so ``auto``
+  shards them.
 
 Training runs on the one engine (`pagjax.engine.train_loop`): steps in chunks of
 ``steps_per_call``, looped on the device or, for conv nets on CPU, on the host
@@ -26,7 +28,8 @@ loses at most one interval. A model whose loss or gradient turns NaN/inf skips t
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -62,6 +65,24 @@ def choose_strategy(model: models_lib.Model, num_models: int, backend: str | Non
     if backend == "cpu" and not isinstance(model.module, models_lib.MLP):
         return "loop"
     return "vmap"
+
+
+def cpu_devices_for(models_per_method: Sequence[int], cores: int) -> int:
+    """How many XLA CPU devices to split ``cores`` cores into for a sharded MLP sweep: the
+    most, up to one per core, that divide every method's model count (no padded models).
+
+    One CPU device ran the small batched matmuls of K vmapped MLPs on about one core, while
+    each device's program runs on its own thread: with 2 devices on 2 cores the default
+    sweep's steady steps took 8.4 instead of 15 ms (gradnorm) and 16 instead of 34 ms (PGD),
+    63.5 s in all instead of 77 s (jax 0.10.2; `docs/benchmarks.md`). Measured on 2 cores
+    only.
+    """
+    if not models_per_method or any(int(k) < 1 for k in models_per_method):
+        raise ValueError(f"models_per_method must be positive counts, got {list(models_per_method)!r}")
+    if int(cores) < 1:
+        raise ValueError(f"cores must be at least 1, got {cores!r}")
+    common = math.gcd(*(int(k) for k in models_per_method))
+    return max(d for d in range(1, min(int(cores), common) + 1) if common % d == 0)
 
 
 def choose_step_loop(model: models_lib.Model, backend: str | None = None) -> str:

@@ -44,6 +44,9 @@ jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_disable_most_optimizations", True)
+# Start the backend now, so that nothing a test runs (the command lines split the CPU into
+# devices before their first JAX operation) changes the device count under the other tests.
+assert jax.device_count() == NUM_FAKE_DEVICES
 
 
 @pytest.fixture(autouse=True)

@@ -1,3 +1,5 @@
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,53 @@ def test_bad_sweep_arguments_raise_before_training(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         _train(args.pop("strategy"), args.pop("strengths"), args.pop("seeds"), steps=args.pop("steps"))
+
+
+def test_cpu_devices_divide_every_methods_models_up_to_one_per_core():
+    assert sweep.cpu_devices_for([12, 12, 12, 12], cores=2) == 2  # the default sweep on 2 cores
+    assert sweep.cpu_devices_for([12], cores=16) == 12  # no padded models: 16 would pad 12 to 16
+    assert sweep.cpu_devices_for([6, 9], cores=8) == 3
+    assert sweep.cpu_devices_for([7], cores=4) == 1  # a prime count: one device, nothing padded
+    assert sweep.cpu_devices_for([12], cores=1) == 1
+    for bad in ([], [0]):
+        with pytest.raises(ValueError, match="models_per_method"):
+            sweep.cpu_devices_for(bad, cores=2)
+    with pytest.raises(ValueError, match="cores"):
+        sweep.cpu_devices_for([4], cores=0)
+
+
+def test_the_command_line_splits_the_cpu_for_mlp_sweeps_only(monkeypatch):
+    from experiments import sweep_eps
+    from pagjax import devices
+
+    asked = []
+    monkeypatch.setattr(devices, "split_cpu", lambda n: asked.append(n) or True)
+    monkeypatch.setattr(sweep_eps.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+
+    def start(*argv):
+        args = sweep_eps.parse_args(["--methods", "noise,pgd", "--strengths", "0,1,2", "--seeds", "0,1", *argv])
+        sweep_eps.start_cpu_devices(args, sweep_eps.config_from_args(args))
+
+    start()  # 6 MLPs per method on 4 cores: 3 devices of 2 models
+    start("--model", "cnn")  # conv nets: unmeasured, one device
+    start("--strategy", "vmap")  # no sharding asked for
+    start("--model", "cnn", "--cpu-devices", "2")  # asked for
+    assert asked == [3, 2]
+    # once JAX has started (here: the conftest's fake devices) the devices stay, and the call says so
+    monkeypatch.undo()
+    assert jax.device_count() == NUM_FAKE_DEVICES
+    assert devices.split_cpu(2) is False and jax.device_count() == NUM_FAKE_DEVICES
+    with pytest.raises(ValueError, match="num_devices"):
+        devices.split_cpu(0)
+
+
+def test_split_cpu_before_jax_starts_makes_that_many_devices():
+    import subprocess
+    import sys
+
+    code = ("from pagjax import devices; import jax; assert devices.split_cpu(3); "
+            "print(jax.device_count(), jax.default_backend())")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "cpu"]
