@@ -224,5 +224,8 @@ def setup_fake_devices(argv=None) -> int | None:
         elif a.startswith("--fake-devices="):
             n = int(a.split("=", 1)[1])
     if n and n > 1:
-        jax.config.update("jax_num_cpu_devices", n)
+        from pagjax import devices
+
+        if not devices.split_cpu(n):
+            raise RuntimeError("--fake-devices must take effect before the first JAX operation")
     return n
