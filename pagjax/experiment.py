@@ -53,7 +53,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pagjax import io as io_lib
@@ -135,15 +134,18 @@ def measure_method(config: SweepConfig, method: str, state: sweep.SweepState, ev
     model = models_lib.build_model(config.model, data.num_classes)
     strengths, seeds = method_points(config, method)
     diverged = np.asarray(state.diverged)
+    # every model's variables on the host at once, each then put on one device (the eval set's
+    # cached maps live on one): slicing a sharded sweep state on the devices compiled a
+    # gather per variable
+    stacked = jax.device_get(training.variables_of(state.train))
     rows, grids = [], []
     for i, (s, seed) in enumerate(zip(strengths, seeds)):
         # every column, empty until measured: a diverged model's row is complete too
         row = {"method": method, "strength": s, "seed": seed, "diverged": bool(diverged[i]),
                **dict.fromkeys(metrics_lib.columns(config.measure))}
-        # one device: a model sliced from a sharded sweep state lives on several devices,
-        # and the eval set's cached maps on one
-        variables = jax.device_put(jax.device_get(sweep.model_variables(state, i)), jax.devices()[0])
-        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(variables))
+        host = jax.tree.map(lambda a: a[i], stacked)
+        finite = all(bool(np.all(np.isfinite(a))) for a in jax.tree.leaves(host))
+        variables = jax.device_put(host, jax.devices()[0])
         if diverged[i] or not finite:
             row["diverged"] = True
             grids.append(np.full((config.measure.grid_images, *data.x_test.shape[1:]), np.nan, np.float32))
