@@ -519,13 +519,6 @@ def _child_flag_run(flags: str, cfg: dict, repeats: int, torch_threads: int | No
             "ratio": jax_row.get("ratio")}
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks (macOS)
-        return os.cpu_count() or 1
-
-
 def run(models=("ae", "den"), ae_variants=AE_VARIANTS, *, quick: bool = False, sizes: dict | None = None,
         repeats: int = 5, steps_per_repeat: int | None = None, flag_sets=(), torch_variants: bool = True,
         torch_threads: int | None = None, use_torch: bool = True, unet_variants=("host",)) -> dict:
@@ -534,7 +527,9 @@ def run(models=("ae", "den"), ae_variants=AE_VARIANTS, *, quick: bool = False, s
     steps = steps_per_repeat or cfg["steps_per_repeat"]
     torch = torch_or_none() if use_torch else None
     if torch is not None:  # by default as many threads as XLA:CPU uses: every core we may run on
-        torch.set_num_threads(torch_threads or _available_cores())
+        from pagjax.devices import available_cores
+
+        torch.set_num_threads(torch_threads or available_cores())
     res = {"benchmark": "engine", "machine": common.machine_description(), "quick": quick, "sizes": cfg,
            "repeats": repeats, "steps_per_repeat": steps, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "torch": None if torch is None else {"version": torch.__version__, "threads": torch.get_num_threads()}}

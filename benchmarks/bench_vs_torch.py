@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from benchmarks import bench_engine, bench_step, common
+from pagjax.devices import available_cores
 
 OBJECTIVES = ("ce", "gradnorm", "smoothness", "noise", "pgd")
 
@@ -52,14 +53,6 @@ def parse_row(text: str) -> dict:
     if len(parts) != 3 or parts[0] not in ("cnn", "resnet18") or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
         raise ValueError(f"row {text!r} must look like MODEL:BATCH:WIDTH with MODEL cnn or resnet18")
     return dict(bench_step.FULL[parts[0]], model=parts[0], batch=int(parts[1]), width=int(parts[2]))
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def torch_device(torch) -> str:

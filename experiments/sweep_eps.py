@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 import numpy as np
@@ -218,8 +217,8 @@ def start_cpu_devices(args: argparse.Namespace, config) -> None:
     if n is None:
         if config.strategy not in ("auto", "sharded") or config.model.split(":")[0] != "mlp":
             return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = sweep.cpu_devices_for([len(config.strengths[m]) * len(config.seeds) for m in config.methods], cores)
+        n = sweep.cpu_devices_for([len(config.strengths[m]) * len(config.seeds) for m in config.methods],
+                                  devices.available_cores())
     if not devices.split_cpu(n) and args.cpu_devices is not None:
         print(f"note: JAX has already started, so --cpu-devices {n} does not apply", file=sys.stderr)
 

@@ -147,7 +147,7 @@ def test_the_command_line_splits_the_cpu_for_mlp_sweeps_only(monkeypatch):
 
     asked = []
     monkeypatch.setattr(devices, "split_cpu", lambda n: asked.append(n) or True)
-    monkeypatch.setattr(sweep_eps.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(devices, "available_cores", lambda: 4)
 
     def start(*argv):
         args = sweep_eps.parse_args(["--methods", "noise,pgd", "--strengths", "0,1,2", "--seeds", "0,1", *argv])
