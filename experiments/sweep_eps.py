@@ -217,8 +217,7 @@ def start_cpu_devices(args: argparse.Namespace, config) -> None:
     if n is None:
         if config.strategy not in ("auto", "sharded") or config.model.split(":")[0] != "mlp":
             return
-        n = sweep.cpu_devices_for([len(config.strengths[m]) * len(config.seeds) for m in config.methods],
-                                  devices.available_cores())
+        n = sweep.cpu_devices_for([config.num_models(m) for m in config.methods], devices.available_cores())
     if not devices.split_cpu(n) and args.cpu_devices is not None:
         print(f"note: JAX has already started, so --cpu-devices {n} does not apply", file=sys.stderr)
 

@@ -161,7 +161,7 @@ def measure_method(config: SweepConfig, method: str, state: sweep.SweepState, ev
 def _run_method(config: SweepConfig, method: str, data: SweepData, evalset, out_dir: str, bar,
                 log: Callable[[str], None]) -> tuple[list, np.ndarray]:
     """Train (or resume) and measure one method's models, then save its points."""
-    k = len(config.strengths[method]) * len(config.seeds)
+    k = config.num_models(method)
     seen = [0]
 
     def on_progress(p):
@@ -196,7 +196,7 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
     data = load_data(config, progress=progress, log=log)
     evalset = make_eval_set(config, data, out_dir, log, progress)
     rows_by_method, grids_by_method = {}, {}
-    total = sum(len(config.strengths[m]) * len(config.seeds) * config.steps for m in config.methods)
+    total = sum(config.num_models(m) * config.steps for m in config.methods)
     bar = tqdm(total=total, disable=not progress, unit="model-step", smoothing=0.1)
     drawn = []  # methods whose gradient grid this run has written
     figure_at = time.perf_counter()  # when figure3.png was last due
@@ -206,7 +206,7 @@ def run_sweep(config: SweepConfig, out_dir: str, *, overwrite: bool = False, pro
         if trained:
             found = _run_method(config, method, data, evalset, out_dir, bar, log)
         else:
-            bar.update(len(config.strengths[method]) * len(config.seeds) * config.steps)
+            bar.update(config.num_models(method) * config.steps)
         rows_by_method[method], grids_by_method[method] = found
         if trained and i < len(config.methods) - 1:  # the results so far: readable while the sweep runs
             # figure3 too once a minute has passed: a long sweep's figure follows it, a short

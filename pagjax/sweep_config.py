@@ -247,6 +247,10 @@ class SweepConfig:
 
         return data_lib.is_real_dataset(self.dataset)
 
+    def num_models(self, method: str) -> int:
+        """How many models `method` trains: one per (strength, seed)."""
+        return len(self.strengths[method]) * len(self.seeds)
+
     def validate(self) -> None:
         """Check every setting before any data is built or anything compiled."""
         if not self.methods:
