@@ -211,11 +211,13 @@ def start_cpu_devices(args: argparse.Namespace, config) -> None:
     """Split the CPU into devices for the sharded strategy (`pagjax.sweep.cpu_devices_for`);
     call it before the first JAX operation. Where JAX has already started (a notebook, the
     tests) the devices stay as they are."""
-    from pagjax import devices, sweep
+    from pagjax import devices, models, sweep
 
     n = args.cpu_devices
     if n is None:
-        if config.strategy not in ("auto", "sharded") or config.model.split(":")[0] != "mlp":
+        # the architecture as `sweep.choose_strategy` tells it (building a module starts no JAX)
+        mlp = isinstance(models.build_model(config.model, num_classes=2).module, models.MLP)
+        if config.strategy not in ("auto", "sharded") or not mlp:
             return
         n = sweep.cpu_devices_for([config.num_models(m) for m in config.methods], devices.available_cores())
     if not devices.split_cpu(n) and args.cpu_devices is not None:
