@@ -1,18 +1,22 @@
 """Test configuration: fake several CPU devices before JAX initialises its backend, and
-compile once per run.
+compile cheaply.
 
 Multi-device code (sharded steps, sharded sweeps) is therefore exercised on every
 run, on any laptop or CI machine.
 
-Most of the suite's time is XLA compiling small programs, many of them the same program
-built from new closures (a fresh objective or optimizer per test). A compilation cache
-shared by every xdist worker of one run (keyed by XLA on the program, not the closure)
-compiles each once, LLVM's expensive passes are switched off, and XLA:CPU's older fusion
-emitters are used (LLVM IR directly instead of through MLIR: 40% less compile time on
-the tests' MLP, CNN and ResNet steps, measured with jaxlib 0.10.2). The tests' models are
-tiny, so run time barely changes while compile time drops; the few tests that train for
-long ask for full optimisation (`tests.helpers.optimized_compilation`). Numbers stay
-float32 IEEE arithmetic; only the compiler's effort changes.
+Most of the suite's time is XLA compiling small programs. LLVM's expensive passes are
+switched off and XLA:CPU's older fusion emitters are used (LLVM IR directly instead of
+through MLIR: 40% less compile time on the tests' MLP, CNN and ResNet steps, measured with
+jaxlib 0.10.2). The tests' models are tiny, so run time barely changes while compile time
+drops; the few tests that train for long ask for full optimisation (the `optimized` marker,
+`tests.helpers.optimized_compilation`). Numbers stay float32 IEEE arithmetic; only the
+compiler's effort changes.
+
+The test processes keep no persistent compilation cache: one shared by the xdist workers
+served 1173 of 7148 compilations in a whole run but saved 2.6 s of compiling, while reading,
+keying and writing the entries cost about 6 ms a compilation (about 45 s of test time;
+docs/testing.md). The command lines' own cache (`pagjax.xla.use_compile_cache`) is pointed
+at this run's temporary folder, never the user's ~/.cache.
 """
 import os
 import shutil
@@ -33,20 +37,27 @@ if jaxlib.__version__.startswith("0.10.") and "xla_cpu_use_fusion_emitters" not 
 NUM_FAKE_DEVICES = 4
 jax.config.update("jax_num_cpu_devices", NUM_FAKE_DEVICES)
 
-# One cache per run: the controller makes it; xdist workers inherit its environment.
+# One folder per run for the command lines' compile cache (subprocesses and in-process
+# `main` calls): the controller makes it; xdist workers inherit its environment.
 if "PAGJAX_TEST_COMPILE_CACHE" not in os.environ:
     os.environ["PAGJAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="pagjax-test-compile-cache-")
 COMPILE_CACHE_DIR = os.environ["PAGJAX_TEST_COMPILE_CACHE"]
-# the command lines' own cache (pagjax.xla.use_compile_cache), also in subprocesses: this run's
-# folder, never the user's ~/.cache
 os.environ["PAGJAX_COMPILE_CACHE"] = COMPILE_CACHE_DIR
-jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# and none in the test processes, even after an in-process `main` has configured one
+jax.config.update("jax_enable_compilation_cache", False)
 jax.config.update("jax_disable_most_optimizations", True)
 # Start the backend now, so that nothing a test runs (the command lines split the CPU into
 # devices before their first JAX operation) changes the device count under the other tests.
 assert jax.device_count() == NUM_FAKE_DEVICES
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_compile_cache():
+    """An in-process command line configures its compile cache folder; the next test starts
+    without one, as every test process does."""
+    yield
+    if jax.config.jax_compilation_cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", None)
 
 
 @pytest.fixture(autouse=True)

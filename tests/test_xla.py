@@ -85,7 +85,8 @@ def test_compile_cache_folder_and_the_callers_own_cache(tmp_path, monkeypatch):
     assert xla.default_compile_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "pagjax", "xla")
     monkeypatch.setenv("PAGJAX_COMPILE_CACHE", str(tmp_path / "mine"))
     assert xla.default_compile_cache_dir() == str(tmp_path / "mine")
-    # this test process already has a cache (tests/conftest.py): it is kept, nothing is created
-    configured = jax.config.jax_compilation_cache_dir
-    assert configured and xla.use_compile_cache(str(tmp_path / "other")) == configured
+    # a cache the caller configured is kept, and nothing is created
+    # (tests/conftest.py clears the setting after the test)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "theirs"))
+    assert xla.use_compile_cache(str(tmp_path / "other")) == str(tmp_path / "theirs")
     assert not (tmp_path / "other").exists()
