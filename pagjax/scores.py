@@ -504,7 +504,8 @@ class ScoreCache:
     """Score maps computed once per (dataset, score source, noise level).
 
     Passed explicitly (no global state). In memory, keyed by a fingerprint of the
-    dataset contents (or a caller-given ``dataset_id``), the source's name and s;
+    dataset contents (or a caller-given ``dataset_id``), the source's name (for an unnamed
+    source: its function's identity and its parameters' contents) and s;
     with ``directory`` also written to ``<directory>/<key>.npz`` atomically (temporary
     file + `os.replace`) and read back by later processes.
 
@@ -516,6 +517,7 @@ class ScoreCache:
         """Create an empty cache, optionally backed by `directory` (created if needed)."""
         self.directory = directory
         self._mem: dict[str, np.ndarray] = {}
+        self._unnamed_fns: dict[int, Callable] = {}
         self.hits = 0
         self.misses = 0
         if directory is not None:
@@ -528,7 +530,15 @@ class ScoreCache:
         """(cache key, whether it is stable across processes) for these inputs."""
         data = dataset_id if dataset_id is not None else fingerprint([np.asarray(x), None if y is None else np.asarray(y)])
         stable = bool(source.name)
-        name = source.name or f"unnamed-{id(source.fn)}"
+        if stable:
+            name = source.name
+        else:
+            # In memory only: the function by identity (kept alive here, so that its id cannot
+            # be reused by another one) and the parameters by content, so that two networks
+            # sharing one function never share maps.
+            self._unnamed_fns.setdefault(id(source.fn), source.fn)
+            leaves, treedef = jax.tree.flatten(source.params)
+            name = ["unnamed", id(source.fn), str(treedef), [np.asarray(v) for v in leaves]]
         return fingerprint([name, data, float(noise_level)]), stable
 
     def get(self, key: str) -> np.ndarray | None:

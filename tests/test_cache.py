@@ -241,3 +241,25 @@ def test_a_damaged_score_cache_file_is_a_miss(tmp_path):
     open(tmp_path / "k.npz", "wb").write(b"garbage")
     with pytest.warns(RuntimeWarning, match="k.npz is damaged"):
         assert scores.ScoreCache(directory=str(tmp_path)).get("k") is None
+
+
+def _scaled(params, x, y, s):
+    return params["w"] * x / s
+
+
+def test_unnamed_score_sources_are_told_apart_by_their_parameters():
+    # Two unnamed sources sharing one function but not their parameters (two trained
+    # networks, say) must not share cached maps; equal parameters may.
+    from pagjax import scores
+
+    x = np.linspace(0.0, 1.0, 2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.float32)
+    cache = scores.ScoreCache()
+    one = scores.ScoreSource(fn=_scaled, params={"w": np.float32(1.0)})
+    two = scores.ScoreSource(fn=_scaled, params={"w": np.float32(2.0)})
+    np.testing.assert_allclose(scores.compute_scores(one, x, noise_level=0.5, cache=cache), 2 * x, rtol=1e-6)
+    np.testing.assert_allclose(scores.compute_scores(two, x, noise_level=0.5, cache=cache), 4 * x, rtol=1e-6)
+    again = scores.ScoreSource(fn=_scaled, params={"w": np.float32(2.0)})
+    np.testing.assert_allclose(scores.compute_scores(again, x, noise_level=0.5, cache=cache), 4 * x, rtol=1e-6)
+    assert (cache.misses, cache.hits) == (2, 1)
+    # an unnamed source stays in memory: nothing of it is written to a cache's folder
+    assert cache.key(one, x, None, 0.5)[1] is False
